@@ -1,0 +1,40 @@
+# One Makefile for people and CI. Every target creates the venv when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo demo-serve test lint protos protos-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Embedded NATS + sidecar + handler host with the greeter; sends requests, prints replies, exits.
+demo: $(STAMP)
+	$(BIN)/python -m deploy.local.demo
+
+## Same, but keeps everything serving until Ctrl-C.
+demo-serve: $(STAMP)
+	$(BIN)/python -m deploy.local.demo --serve
+
+## The whole test suite (unit, gRPC level, integration, end to end).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+protos: $(STAMP)
+	$(BIN)/python -m protos.generate
+
+protos-check: $(STAMP)
+	$(BIN)/python -m protos.generate --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
