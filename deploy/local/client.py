@@ -1,0 +1,152 @@
+"""The other side of a node, as KRE's previous node and next node see it.
+
+`Upstream` publishes KRE envelopes to the node's input subject; `Downstream` reads every
+envelope the node wrote to its output subject from the stream itself, so duplicates
+show up (a plain subscription would hide a lost or repeated publish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import nats
+from google.protobuf.message import Message
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from protos.kre_nats_msg_pb2 import KreNatsMessage
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def request_envelope(
+    payload: Message,
+    tracking_id: str | None = None,
+    from_node: str = "entrypoint",
+    replied: bool = False,
+) -> KreNatsMessage:
+    """An input envelope as the previous KRE node would have written it."""
+    msg = KreNatsMessage(
+        tracking_id=tracking_id or uuid.uuid4().hex, replied=replied, reply="_INBOX.kre-demo"
+    )
+    stamp = now_rfc3339()
+    msg.tracking.add(node_name=from_node, start=stamp, end=stamp)
+    msg.payload.Pack(payload)
+    return msg
+
+
+async def connect(url: str) -> tuple[Client, JetStreamContext]:
+    nc = await nats.connect(
+        url, name="kre-local-client", max_reconnect_attempts=-1, reconnect_time_wait=0.2
+    )
+    return nc, nc.jetstream()
+
+
+async def ensure_stream(js: JetStreamContext, name: str, subjects: Iterable[str]) -> None:
+    """Create the node's stream, or widen its subjects when it exists."""
+    wanted = list(subjects)
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(name=name, subjects=wanted)
+        return
+    have = list(info.config.subjects or [])
+    missing = [s for s in wanted if s not in have]
+    if missing:
+        info.config.subjects = have + missing
+        await js.update_stream(info.config)
+
+
+class Upstream:
+    """Publishes requests through JetStream, a bounded number of PubAcks at a time."""
+
+    def __init__(self, js: JetStreamContext, subject: str, window: int = 256) -> None:
+        self.js = js
+        self.subject = subject
+        self.window = window
+        self.sent_at: dict[str, float] = {}
+
+    async def send(self, envelope: KreNatsMessage | bytes, tracking_id: str = "") -> None:
+        data = envelope if isinstance(envelope, bytes) else envelope.SerializeToString()
+        key = tracking_id or (envelope.tracking_id if isinstance(envelope, KreNatsMessage) else "")
+        self.sent_at[key] = time.perf_counter()
+        await self.js.publish(self.subject, data)
+
+    async def send_all(self, envelopes: Iterable[KreNatsMessage]) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        for envelope in envelopes:
+            if len(pending) >= self.window:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            pending.add(asyncio.create_task(self.send(envelope)))
+        if pending:
+            await asyncio.gather(*pending)
+
+
+class Downstream:
+    """Reads everything written to one subject of the stream, from the first message on."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
+        self.js = js
+        self.stream = stream
+        self.subject = subject
+        self.received: list[KreNatsMessage] = []
+        self.received_at: dict[str, float] = {}
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def start(self) -> Downstream:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            filter_subject=self.subject,
+            inactive_threshold=300.0,
+        )
+        self._sub = await self.js.pull_subscribe(
+            self.subject, durable=None, stream=self.stream, config=config
+        )
+        return self
+
+    async def poll(self, batch: int = 512, timeout: float = 0.2) -> int:
+        assert self._sub is not None, "call start() first"
+        try:
+            msgs = await self._sub.fetch(batch, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return 0
+        for raw in msgs:
+            envelope = KreNatsMessage.FromString(decompress(raw.data))
+            self.received.append(envelope)
+            self.received_at.setdefault(envelope.tracking_id, time.perf_counter())
+        return len(msgs)
+
+    async def wait_for(self, count: int, timeout: float) -> list[KreNatsMessage]:
+        """Until `count` envelopes arrived (then a short quiet look for extras) or timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            await self.poll()
+        await self.poll(timeout=0.3)  # anything beyond `count` is a duplicate worth seeing
+        return self.received
+
+    def by_tracking_id(self) -> dict[str, KreNatsMessage]:
+        return {m.tracking_id: m for m in self.received}
+
+    def duplicates(self) -> int:
+        counts = Counter(m.tracking_id for m in self.received)
+        return sum(n - 1 for n in counts.values() if n > 1)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+
+def decompress(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
