@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo demo-serve test lint protos protos-check clean
+.PHONY: venv demo demo-serve test lint protos protos-check deploy-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ protos: $(STAMP)
 
 protos-check: $(STAMP)
 	$(BIN)/python -m protos.generate --check
+
+## Offline checks of Dockerfiles, Kustomize, Compose and the probe CLI (no Docker, no cluster).
+deploy-check: $(STAMP)
+	$(BIN)/python -m pytest tests/deploy -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

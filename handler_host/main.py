@@ -1,0 +1,173 @@
+"""``kre-handler-host``: load the user's code, serve it over gRPC, stop cleanly.
+
+Start: settings -> import the handler module -> build the data-service clients ->
+gRPC server up, health NOT_SERVING -> ``init(ctx)`` -> SERVING.
+Stop (SIGTERM/SIGINT): NOT_SERVING -> in-flight calls finish within
+KRT_SHUTDOWN_GRACE -> server stopped -> services closed -> exit 0.
+
+Exit codes: 0 after a signal-driven stop; 1 when the host cannot start (handler file
+not found, module raised on import, no handler, init raised, address not bindable);
+2 when the environment is missing or has invalid variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn
+
+from handler_host.context import Context, ContextServices
+from handler_host.errors import RunnerError, SettingsError
+from handler_host.loader import UserCode, load_user_code
+from handler_host.server import USER_THREAD_PREFIX, HostServer, start_server
+from handler_host.settings import HostSettings
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_BAD_SETTINGS = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+async def start_host(
+    settings: HostSettings,
+    services: ContextServices | None = None,
+    *,
+    user_code: UserCode | None = None,
+) -> HostServer:
+    """Load the user code (unless given), start the server, run ``init(ctx)``, SERVING.
+
+    The whole start sequence, shared by ``main`` and by tests that run a host
+    in-process. On failure everything started is stopped again (the services closed
+    too) and the error raised.
+    """
+    if user_code is None:
+        user_code = load_user_code(settings.base_path, settings.handler_path)
+    context = Context.from_settings(settings, services)
+    try:
+        server = await start_server(settings, user_code, context)
+    except BaseException:
+        await context.aclose()
+        raise
+    try:
+        await server.run_init()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await server.set_serving()
+    return server
+
+
+def open_services(settings: HostSettings) -> ContextServices:
+    """The data services behind ``ctx.db``, ``ctx.prediction`` and ``ctx.measurement``.
+
+    Built once from their own KRT_* variables, connecting nothing yet; a service whose
+    URI is unset stays None and ``ctx.<name>`` then says which variable to set.
+    """
+    # Imported here: the database drivers load only in the process that serves.
+    from handler_host.services import Services, ServiceSettings
+
+    return Services.from_settings(
+        ServiceSettings.from_env(),
+        version_id=settings.version_id,
+        version_name=settings.version,
+        workflow=settings.workflow_name,
+        node=settings.node_name,
+    )
+
+
+async def serve(settings: HostSettings) -> None:
+    """Run the handler host until SIGTERM or SIGINT, then stop it gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _request_stop, sig, stop)
+    starting = asyncio.create_task(_start(settings))
+    waiting = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        logger.info("stop requested while starting: start abandoned")
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return
+    waiting.cancel()
+    host = starting.result()
+    logger.info("handler host ready on %s", host.address)
+    await stop.wait()
+    await host.stop(settings.shutdown_grace)
+
+
+async def _start(settings: HostSettings) -> HostServer:
+    # The user code first: a wrong handler path fails fast, before any connection.
+    user_code = load_user_code(settings.base_path, settings.handler_path)
+    services = open_services(settings)
+    return await start_host(settings, services, user_code=user_code)
+
+
+def _request_stop(sig: signal.Signals, stop: asyncio.Event) -> None:
+    logger.info("received %s: shutting down", sig.name)
+    stop.set()
+
+
+def main() -> None:
+    """The ``kre-handler-host`` console script."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        settings = HostSettings.from_env()
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        _exit(EXIT_BAD_SETTINGS)
+    logging.getLogger().setLevel(settings.log_level)
+    logger.info("settings: %s", settings.summary())
+    try:
+        _run(serve(settings))
+    except SettingsError as exc:  # the data services' variables
+        logger.error("%s", exc)
+        _exit(EXIT_BAD_SETTINGS)
+    except RunnerError as exc:
+        # Import and init errors carry the user's traceback in their message.
+        logger.error("the handler host cannot start: %s", exc)
+        _exit(EXIT_START_FAILED)
+    except Exception:
+        logger.exception("the handler host failed")
+        _exit(EXIT_START_FAILED)
+    logger.info("handler host stopped")
+    _exit(EXIT_OK)
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+    except ImportError:
+        pass
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(coro)
+
+
+def _exit(code: int) -> NoReturn:
+    workers = [t for t in threading.enumerate() if t.name.startswith(USER_THREAD_PREFIX)]
+    deadline = time.monotonic() + 1.0
+    for worker in workers:  # idle workers end on their own, at once
+        worker.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in workers if t.is_alive()]
+    if stuck:
+        # A sync handler or init still runs past the grace period; Python would wait
+        # for it at exit, forever perhaps. Leave without waiting.
+        logger.warning("exiting with %d user-code thread(s) still running", len(stuck))
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""``kre-handler-host`` as a real process: clear start failures, clean SIGTERM stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from handler_host.context import pack_any
+from protos import kre_nats_msg_pb2, runner_pb2, runner_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "kre-handler-host"
+START_TIMEOUT_S = 60
+
+
+def command() -> list[str]:
+    if CONSOLE_SCRIPT.exists():
+        return [str(CONSOLE_SCRIPT)]
+    return [sys.executable, "-m", "handler_host.main"]
+
+
+def host_env(tmp_path: Path, **krt: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    env["KRT_HANDLER_ADDRESS"] = f"unix://{tmp_path}/run/handler.sock"
+    env.update(krt)
+    return env
+
+
+def run_host(tmp_path: Path, **krt: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(),
+        env=host_env(tmp_path, **krt),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+    )
+
+
+def write_handler(tmp_path: Path, code: str) -> dict[str, str]:
+    (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "src" / "handler.py").write_text(textwrap.dedent(code))
+    return {"KRT_BASE_PATH": str(tmp_path), "KRT_HANDLER_PATH": "src/handler.py"}
+
+
+def test_missing_variables_exit_2_and_are_all_named(tmp_path: Path) -> None:
+    done = run_host(tmp_path, KRT_HANDLER_THREADS="zero")
+
+    assert done.returncode == 2, done.stderr
+    assert "missing (set them): KRT_BASE_PATH, KRT_HANDLER_PATH" in done.stderr
+    assert "KRT_HANDLER_THREADS='zero'" in done.stderr
+
+
+def test_invalid_data_service_variable_exits_2(tmp_path: Path) -> None:
+    krt = write_handler(tmp_path, "def handler(ctx, data):\n    return None\n")
+
+    done = run_host(tmp_path, KRT_INFLUX_URI="influx-without-scheme", **krt)
+
+    assert done.returncode == 2, done.stderr
+    assert "KRT_INFLUX_URI='influx-without-scheme'" in done.stderr
+
+
+def test_missing_handler_file_exits_1(tmp_path: Path) -> None:
+    done = run_host(tmp_path, KRT_BASE_PATH=str(tmp_path), KRT_HANDLER_PATH="src/nope.py")
+
+    assert done.returncode == 1, done.stderr
+    assert str(tmp_path / "src" / "nope.py") in done.stderr
+    assert "does not exist" in done.stderr
+    assert "KRT_HANDLER_PATH='src/nope.py'" in done.stderr
+
+
+def test_module_raising_on_import_exits_1_with_its_traceback(tmp_path: Path) -> None:
+    krt = write_handler(
+        tmp_path,
+        """
+        import json
+        CONFIG = json.loads("{not json")
+
+        def handler(ctx, data):
+            return None
+        """,
+    )
+
+    done = run_host(tmp_path, **krt)
+
+    assert done.returncode == 1, done.stderr
+    assert "raised JSONDecodeError while being imported" in done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+    assert 'handler.py", line 3, in <module>' in done.stderr
+
+
+def test_no_handler_exits_1(tmp_path: Path) -> None:
+    done = run_host(tmp_path, **write_handler(tmp_path, "def init(ctx):\n    pass\n"))
+
+    assert done.returncode == 1, done.stderr
+    assert "does not define handler" in done.stderr
+
+
+def test_init_raising_exits_1_and_says_so(tmp_path: Path) -> None:
+    krt = write_handler(
+        tmp_path,
+        """
+        def init(ctx):
+            with open(ctx.path("data/model.bin"), "rb") as f:
+                f.read()
+
+        def handler(ctx, data):
+            return None
+        """,
+    )
+
+    done = run_host(tmp_path, **krt)
+
+    assert done.returncode == 1, done.stderr
+    assert "init(ctx)" in done.stderr
+    assert "raised FileNotFoundError" in done.stderr
+    assert "data/model.bin" in done.stderr
+    assert "health: SERVING" not in done.stderr
+
+
+async def wait_serving(channel: grpc.aio.Channel) -> None:
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=START_TIMEOUT_S
+    )
+    async for reply in watch:
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            watch.cancel()
+            return
+
+
+@pytest.fixture
+def greeter(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """The greeter example served by a real kre-handler-host on a Unix socket."""
+    env = host_env(
+        tmp_path,
+        KRT_BASE_PATH=str(ROOT / "examples" / "greeter"),
+        KRT_HANDLER_PATH="handler.py",
+        KRT_NODE_NAME="greeter",
+        KRT_SHUTDOWN_GRACE="10",
+        KRT_MONGO_URI="mongodb://kre:s3cr3t-pw@127.0.0.1:9/kre",
+    )
+    stderr_path = tmp_path / "stderr.log"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(command(), env=env, cwd=tmp_path, stderr=stderr)
+    try:
+        yield proc, env["KRT_HANDLER_ADDRESS"], stderr_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_serves_the_greeter_then_stops_on_sigterm(
+    greeter: tuple[subprocess.Popen[bytes], str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc, address, stderr_path = greeter
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "greeter"))
+    from public_input_pb2 import Request, Response
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(wait_serving(channel), START_TIMEOUT_S)
+        message = kre_nats_msg_pb2.KreNatsMessage(
+            tracking_id="t-1", payload=pack_any(Request(name="Ada"))
+        )
+        reply = await runner_pb2_grpc.HandlerHostStub(channel).Handle(
+            runner_pb2.Delivery(id=1, message=message), timeout=30
+        )
+    response = Response()
+    assert reply.result.payload.Unpack(response)
+    assert response.greeting.endswith(", Ada!")
+
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 30)
+
+    log = stderr_path.read_text()
+    assert code == 0, log
+    for step in ("settings:", "health: SERVING", "received SIGTERM", "handler host stopped"):
+        assert step in log
+    assert "[node=greeter tracking_id=t-1] greeting one visitor" in log
+    assert "mongodb://kre:***@127.0.0.1:9/kre" in log
+    assert "s3cr3t-pw" not in log
