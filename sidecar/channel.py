@@ -1,0 +1,257 @@
+"""The sidecar's channel to the handler host: one gRPC connection, one long-lived stream.
+
+`HandlerChannel` follows the host's health (grpc.health.v1, service
+`kre.runner.v1.HandlerHost`) and keeps ONE `Process` stream open while the host is
+SERVING. `call()` tags a Delivery with an id, writes it to the stream and waits for
+the events the reader task routes back by delivery id: early replies first (handed
+to a callback, in order), then the Result. When the stream breaks or the host goes
+away, every call still waiting raises HandlerUnavailable, and the stream is reopened
+once the host reports SERVING again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf import any_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import runner_pb2, runner_pb2_grpc
+from sidecar.errors import HandlerUnavailable
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "kre.runner.v1.HandlerHost"
+MIN_BACKOFF = 0.05
+MAX_BACKOFF = 2.0
+POLL_INTERVAL = 1.0
+
+EarlyReplyCallback = Callable[[any_pb2.Any], Awaitable[None]]
+_Item = runner_pb2.Event | HandlerUnavailable
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # grpc's own reconnect backoff grows to minutes; the host is in the same pod.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+class HandlerChannel:
+    """The connection to the handler host. `start()` it, `call()` it, `close()` it."""
+
+    def __init__(self, address: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.address = address
+        self._max_message_bytes = max_message_bytes
+        self._channel: grpc.aio.Channel | None = None
+        self._serving = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._requests: asyncio.Queue[runner_pb2.Delivery | None] | None = None
+        self._pending: dict[int, asyncio.Queue[_Item]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._poll_health = False
+        self._heard = False  # any health answer or failure seen yet
+        self.status = "not started"
+
+    @property
+    def serving(self) -> bool:
+        """The host reports SERVING (it has finished init and is not shutting down)."""
+        return self._serving.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """SERVING and the Process stream is open: calls can be made."""
+        return self._ready.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def wait_ready(self) -> bool:
+        """Wait until calls can be made; always True (a value, for `wait_for` style use)."""
+        return await self._ready.wait()
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            self.address, options=channel_options(self._max_message_bytes)
+        )
+        self.status = "waiting for the handler host"
+        log.info("handler channel to %s started", self.address)
+        self._tasks = [
+            asyncio.create_task(self._follow_health(), name="handler-health"),
+            asyncio.create_task(self._keep_stream(), name="handler-stream"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._fail_pending("the channel is closed")
+        self._serving.clear()
+        self._update_ready("channel closed")
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+        log.info("handler channel to %s closed", self.address)
+
+    async def call(
+        self, delivery: runner_pb2.Delivery, on_early_reply: EarlyReplyCallback
+    ) -> runner_pb2.Result:
+        """Run one delivery through the handler; raise HandlerUnavailable if the host is gone.
+
+        Sets `delivery.id`. Early replies are awaited through `on_early_reply`, in the
+        order the handler sent them, before the Result is returned.
+        """
+        requests = self._requests
+        if requests is None:
+            raise HandlerUnavailable(f"no open stream to the handler host ({self.status})")
+        delivery.id = next(self._ids)
+        events: asyncio.Queue[_Item] = asyncio.Queue()
+        self._pending[delivery.id] = events
+        requests.put_nowait(delivery)
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, HandlerUnavailable):
+                    raise HandlerUnavailable(item.reason)  # one instance per caller
+                if item.WhichOneof("kind") == "result":
+                    return item.result
+                await on_early_reply(item.early_reply)
+        finally:
+            self._pending.pop(delivery.id, None)
+
+    # Health
+
+    def _set_serving(self, serving: bool, why: str) -> None:
+        if not serving and not self._heard:
+            log.info("handler host at %s not serving yet: %s", self.address, why)
+        self._heard = True
+        if serving != self._serving.is_set():
+            if serving:
+                self._serving.set()
+                log.info("handler host at %s is SERVING", self.address)
+            else:
+                self._serving.clear()
+                log.warning("handler host at %s is not serving: %s", self.address, why)
+        self._update_ready(why)
+
+    def _update_ready(self, why: str = "") -> None:
+        if self._serving.is_set() and self._requests is not None:
+            self._ready.set()
+            self.status = "serving"
+        else:
+            self._ready.clear()
+            serving = self._serving.is_set()
+            self.status = "Process stream not open" if serving else (why or "not serving")
+
+    async def _follow_health(self) -> None:
+        assert self._channel is not None
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        delay = MIN_BACKOFF
+        while True:
+            why, heard = await self._watch_health(stub)
+            self._set_serving(False, why)
+            delay = MIN_BACKOFF if heard else min(delay * 2, MAX_BACKOFF)
+            await asyncio.sleep(delay)
+
+    async def _watch_health(self, stub: health_pb2_grpc.HealthStub) -> tuple[str, bool]:
+        """Follow the host's status until the watch ends; say why and whether it answered."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        heard = False
+        try:
+            if self._poll_health:
+                while True:
+                    reply = await stub.Check(request, timeout=POLL_INTERVAL * 5)
+                    heard = True
+                    self._set_serving(reply.status == _SERVING, _status_name(reply.status))
+                    await asyncio.sleep(POLL_INTERVAL)
+            async for reply in stub.Watch(request):
+                heard = True
+                self._set_serving(reply.status == _SERVING, _status_name(reply.status))
+            return "the health watch ended", heard
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not self._poll_health:
+                log.info("handler host has no health Watch; polling Check every %ss", POLL_INTERVAL)
+                self._poll_health = True
+                return "switching to health Check polling", True
+            return _rpc_reason(exc), heard
+
+    # The Process stream
+
+    async def _keep_stream(self) -> None:
+        delay = MIN_BACKOFF
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._serving.wait()
+            opened = loop.time()
+            why = await self._run_stream()
+            self._fail_pending(why)
+            log.warning("Process stream to the handler host closed: %s", why)
+            if loop.time() - opened > MAX_BACKOFF * 5:
+                delay = MIN_BACKOFF
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _run_stream(self) -> str:
+        """Open the stream, route its events until it ends; return why it ended."""
+        assert self._channel is not None
+        stub = runner_pb2_grpc.HandlerHostStub(self._channel)
+        requests: asyncio.Queue[runner_pb2.Delivery | None] = asyncio.Queue()
+        stream = stub.Process(_drain(requests))
+        self._requests = requests
+        self._update_ready()
+        log.info("Process stream to the handler host opened")
+        try:
+            async for event in stream:
+                self._route(event)
+            return "the handler host ended the stream"
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_reason(exc)
+        finally:
+            self._requests = None
+            self._update_ready("stream closed")
+            requests.put_nowait(None)
+            stream.cancel()
+
+    def _route(self, event: runner_pb2.Event) -> None:
+        events = self._pending.get(event.delivery_id)
+        if events is None:
+            # Its caller gave up (shutdown): the result has nowhere to go.
+            log.debug("event for delivery %d that nobody waits for", event.delivery_id)
+            return
+        events.put_nowait(event)
+
+    def _fail_pending(self, why: str) -> None:
+        error = HandlerUnavailable(why)
+        for events in self._pending.values():
+            events.put_nowait(error)
+
+
+async def _drain(
+    requests: asyncio.Queue[runner_pb2.Delivery | None],
+) -> AsyncIterator[runner_pb2.Delivery]:
+    """The stream's request side: deliveries in the order they were queued."""
+    while True:
+        delivery = await requests.get()
+        if delivery is None:
+            return
+        yield delivery
+
+
+def _status_name(status: int) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"

@@ -1,0 +1,256 @@
+"""The consumer loop: pull from JetStream, one task per message, under a bounded window.
+
+One shape: `while running:` wait until the handler host is SERVING, take the free
+slots of the in-flight window, fetch up to that many messages (a fetch timeout is
+normal and suppressed), start one task per message (`sidecar.message`). Stopping
+is a written sequence: stop fetching, give in-flight messages the grace period,
+nak what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from sidecar import metrics
+from sidecar.channel import HandlerChannel
+from sidecar.message import PUBLISH_ERRORS, InFlight, MessageProcessor, describe
+from sidecar.settings import SidecarSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FETCH_TIMEOUT = 1.0  # also how long stopping may wait for the last fetch
+BIND_RETRY = 3.0  # while the stream is missing
+FETCH_ERROR_PAUSE = 1.0
+# JetStream's own default; several replicas share the durable consumer.
+MIN_MAX_ACK_PENDING = 1000
+
+
+class Window:
+    """The bounded in-flight window: at most `size` messages taken at once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._changed = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return self.size - self._free
+
+    async def take_all(self) -> int:
+        """Wait for at least one free slot, then take every free slot."""
+        while self._free <= 0:
+            self._changed.clear()
+            await self._changed.wait()
+        taken, self._free = self._free, 0
+        return taken
+
+    def give_back(self, count: int = 1) -> None:
+        self._free += count
+        self._changed.set()
+
+
+class Consumer:
+    """Owns the durable pull consumer and every message fetched from it."""
+
+    def __init__(
+        self, settings: SidecarSettings, js: JetStreamContext, channel: HandlerChannel
+    ) -> None:
+        self.settings = settings
+        self._js = js
+        self._channel = channel
+        self._processor = MessageProcessor(settings, js, channel)
+        self._window = Window(settings.max_in_flight)
+        self._stopping = asyncio.Event()
+        self._in_flight: dict[asyncio.Task[None], InFlight] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self.bound = False
+        self.status = "not started"
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="consumer-loop")
+
+    async def stop(self, grace: float) -> None:
+        """Stop fetching, give in-flight messages `grace` seconds, nak what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.bound = False
+        self.status = "stopped"
+        tasks, records = list(self._in_flight), list(self._in_flight.values())
+        if tasks:
+            log.info("waiting up to %.1fs for %d in-flight messages", grace, len(tasks))
+            _, late = await asyncio.wait(tasks, timeout=max(deadline - loop.time(), 0))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            await self._abandon([record for record in records if not record.settled])
+        log.info("consumer stopped")
+
+    async def _abandon(self, records: list[InFlight]) -> None:
+        if not records:
+            return
+        log.warning("nak'ing %d messages still unfinished after the grace period", len(records))
+        for record in records:
+            metrics.MESSAGES.labels(outcome="abandoned").inc()
+            with contextlib.suppress(*PUBLISH_ERRORS):
+                await record.msg.nak()
+
+    # The loop
+
+    async def _run(self) -> None:
+        sub = await self._bind()
+        try:
+            await self._consume(sub)
+        finally:
+            # Unsubscribed here, not left to the NATS drain, which would wait on the
+            # pull inbox's leftover status messages until its timeout.
+            self.bound = False
+            if self._sub is not None:
+                with contextlib.suppress(*PUBLISH_ERRORS, ValueError):
+                    await self._sub.unsubscribe()
+                self._sub = None
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription | None) -> None:
+        while sub is not None and not self._stopping.is_set():
+            if not await self._unless_stopping(self._channel.wait_ready()):
+                break
+            slots = await self._unless_stopping(self._window.take_all())
+            if not slots:
+                break
+            self.status = "consuming"
+            msgs = await self._fetch(sub, slots)
+            if msgs is None:
+                self._window.give_back(slots)
+                sub = await self._bind(sub)
+                continue
+            self._window.give_back(slots - len(msgs))
+            for msg in msgs:
+                self._start(msg)
+
+    async def _unless_stopping(self, awaitable: Awaitable[T]) -> T | None:
+        """Await `awaitable` unless stop() comes first; None when stopping."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
+
+    async def _fetch(self, sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg] | None:
+        """Up to `batch` messages; [] on a quiet timeout; None when the consumer is gone."""
+        try:
+            return await sub.fetch(batch, timeout=FETCH_TIMEOUT)
+        except nats.errors.TimeoutError:
+            return []
+        except nats.js.errors.APIError as exc:
+            log.error("fetch from consumer %s failed: %s", self.settings.durable, exc)
+            return None
+        except nats.errors.Error as exc:
+            self.status = f"fetch failed: {describe(exc)}"
+            log.warning("fetch failed (%s); trying again in %ss", describe(exc), FETCH_ERROR_PAUSE)
+            await asyncio.sleep(FETCH_ERROR_PAUSE)
+            return []
+
+    async def _bind(
+        self, old: JetStreamContext.PullSubscription | None = None
+    ) -> JetStreamContext.PullSubscription | None:
+        """Create (or update) the durable consumer and bind to it; retry until it works."""
+        self.bound = False
+        if old is not None:
+            with contextlib.suppress(*PUBLISH_ERRORS, ValueError):
+                await old.unsubscribe()
+            self._sub = None
+        stream, durable = self.settings.nats_stream, self.settings.durable
+        while not self._stopping.is_set():
+            try:
+                await self._ensure_consumer()
+                sub = await self._js.pull_subscribe_bind(durable=durable, stream=stream)
+            except nats.js.errors.NotFoundError:
+                self.status = f"stream {stream} not found"
+                log.error("stream %s not found; retrying in %ss", stream, BIND_RETRY)
+            except PUBLISH_ERRORS as exc:
+                self.status = f"cannot create consumer {durable}: {describe(exc)}"
+                log.error(
+                    "cannot create consumer %s on stream %s: %s; retrying in %ss",
+                    durable,
+                    stream,
+                    describe(exc),
+                    BIND_RETRY,
+                )
+            else:
+                self._sub = sub
+                self.bound = True
+                log.info(
+                    "consuming %s from stream %s as durable consumer %s",
+                    ",".join(self.settings.nats_inputs),
+                    stream,
+                    durable,
+                )
+                return sub
+            await self._unless_stopping(asyncio.sleep(BIND_RETRY))
+        return None
+
+    async def _ensure_consumer(self) -> None:
+        stream, config = self.settings.nats_stream, self.consumer_config()
+        try:
+            await self._js.add_consumer(stream, config=config)
+        except nats.js.errors.BadRequestError as exc:
+            # It exists with settings that cannot be changed in place: use it as it is.
+            await self._js.consumer_info(stream, self.settings.durable)
+            log.warning(
+                "consumer %s exists with other settings (%s); using it as it is",
+                self.settings.durable,
+                exc.description,
+            )
+
+    def consumer_config(self) -> ConsumerConfig:
+        inputs = list(self.settings.nats_inputs)
+        return ConsumerConfig(
+            name=self.settings.durable,
+            durable_name=self.settings.durable,
+            description=f"KRE node {self.settings.node_name}",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.settings.ack_wait,
+            max_deliver=self.settings.max_deliver,
+            max_ack_pending=max(self.settings.max_in_flight, MIN_MAX_ACK_PENDING),
+            filter_subject=inputs[0] if len(inputs) == 1 else None,
+            filter_subjects=inputs if len(inputs) > 1 else None,
+        )
+
+    # One message
+
+    def _start(self, msg: Msg) -> None:
+        record = InFlight(msg)
+        task = asyncio.create_task(self._processor.handle(record))
+        self._in_flight[task] = record
+        metrics.IN_FLIGHT.inc()
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._window.give_back()
+        metrics.IN_FLIGHT.dec()

@@ -1,0 +1,144 @@
+"""The KRE wire envelope: decode inputs, build outputs, compress as KRE does.
+
+Pure functions, no I/O. Other KRE nodes read and write these bytes, so the rules
+here are KRE's: gzip (magic `\\x1f\\x8b`) above 1 MiB, tracking carried over with
+one entry added per node, errors as `error in '<node>': <message>`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from datetime import UTC, datetime
+
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from protos.kre_nats_msg_pb2 import KreNatsMessage
+from sidecar.errors import BadInputError, PayloadTooLargeError
+
+GZIP_MAGIC = b"\x1f\x8b"
+# Speed over ratio: level 6 is gzip's default; any level reads back the same.
+_COMPRESS_LEVEL = 6
+
+
+def is_compressed(data: bytes) -> bool:
+    """True when the bytes start with the gzip magic number, KRE's only marker."""
+    return data[:2] == GZIP_MAGIC
+
+
+def gunzip(data: bytes, max_bytes: int) -> bytes:
+    """Decompress gzip data, refusing to produce more than max_bytes.
+
+    Streams through zlib with `max_length`, so a small gzip bomb stops at the cap
+    instead of filling memory. Concatenated gzip members are read one after another.
+    """
+    out = bytearray()
+    rest = data
+    while rest:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(rest, max_bytes - len(out) + 1)
+        except zlib.error as exc:
+            raise BadInputError(f"bad gzip data: {exc}") from exc
+        if len(out) > max_bytes:
+            raise BadInputError(f"decompressed size is over the {max_bytes} byte limit")
+        if not inflater.eof:
+            raise BadInputError("truncated gzip data")
+        rest = inflater.unused_data
+        if rest and not is_compressed(rest):
+            raise BadInputError("unexpected bytes after the gzip data")
+    return bytes(out)
+
+
+def decode_input(data: bytes, max_bytes: int) -> KreNatsMessage:
+    """Parse an input message (gzipped or not) into a KreNatsMessage or raise BadInputError."""
+    if not data:
+        raise BadInputError("empty message")
+    if is_compressed(data):
+        data = gunzip(data, max_bytes)
+        if not data:
+            raise BadInputError("empty message once decompressed")
+    elif len(data) > max_bytes:
+        raise BadInputError(f"message size {len(data)} is over the {max_bytes} byte limit")
+    message = KreNatsMessage()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise BadInputError(f"not a KreNatsMessage protobuf: {exc}") from exc
+    return message
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, microseconds and a `Z`: 2024-05-01T12:00:00.000123Z."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build_output(
+    request: KreNatsMessage,
+    node_name: str,
+    payload: any_pb2.Any,
+    start: datetime,
+    end: datetime,
+) -> KreNatsMessage:
+    """The envelope for the next node, as KRE builds it.
+
+    tracking_id, reply and replied are carried over; the previous tracking entries
+    are kept and one is added for this node.
+    """
+    output = KreNatsMessage(
+        tracking_id=request.tracking_id,
+        reply=request.reply,
+        replied=request.replied,
+    )
+    output.tracking.extend(request.tracking)
+    output.tracking.add(node_name=node_name, start=rfc3339(start), end=rfc3339(end))
+    output.payload.CopyFrom(payload)
+    return output
+
+
+def build_early_reply(request: KreNatsMessage, payload: any_pb2.Any) -> KreNatsMessage:
+    """The envelope for an early reply to the entrypoint, marked as replied."""
+    reply = KreNatsMessage(
+        tracking_id=request.tracking_id,
+        reply=request.reply,
+        replied=True,
+    )
+    reply.tracking.extend(request.tracking)
+    reply.payload.CopyFrom(payload)
+    return reply
+
+
+def build_error(
+    request: KreNatsMessage | None,
+    tracking_id: str,
+    node_name: str,
+    message: str,
+) -> KreNatsMessage:
+    """KRE's error envelope: `error in '<node>': <message>`, tracking_id kept.
+
+    With a decoded request its reply subject and tracking are carried over too, so
+    the entrypoint can match the error to the call that is waiting for it.
+    """
+    error = KreNatsMessage(tracking_id=tracking_id, error=f"error in '{node_name}': {message}")
+    if request is not None:
+        error.reply = request.reply
+        error.replied = request.replied
+        error.tracking.extend(request.tracking)
+    return error
+
+
+def encode(message: KreNatsMessage, max_payload_bytes: int) -> bytes:
+    """Serialize an envelope; gzip it when over max_payload_bytes, as KRE does.
+
+    Raises PayloadTooLargeError when even the gzipped bytes are over the limit.
+    """
+    data = message.SerializeToString()
+    if len(data) <= max_payload_bytes:
+        return data
+    compressed = gzip.compress(data, compresslevel=_COMPRESS_LEVEL)
+    if len(compressed) > max_payload_bytes:
+        raise PayloadTooLargeError(len(compressed), max_payload_bytes)
+    return compressed

@@ -1,0 +1,192 @@
+"""The sidecar's settings: one frozen dataclass, read once from the environment.
+
+The variable names are KRE's (`KRT_*`). The handler host reads its own variables
+(`KRT_BASE_PATH`, `KRT_HANDLER_PATH`, `KRT_MONGO_URI`...) from the same pod
+environment; the sidecar ignores them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sidecar.errors import SettingsError
+
+DEFAULT_HANDLER_ADDRESS = "unix:///var/run/kre/handler.sock"
+MIB = 1024 * 1024
+
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+_LOG_LEVELS = frozenset({"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"})
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    node_name: str
+    nats_servers: tuple[str, ...]
+    nats_inputs: tuple[str, ...]
+    nats_output: str
+    nats_stream: str
+    workflow_name: str = ""
+    version_id: str = ""
+    version: str = ""
+    entrypoint_subject: str = ""
+    is_last_node: bool = False
+    durable: str = ""
+    handler_address: str = DEFAULT_HANDLER_ADDRESS
+    max_in_flight: int = 64
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    max_payload_bytes: int = MIB
+    max_message_bytes: int = 64 * MIB
+    grpc_max_message_bytes: int = 64 * MIB
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    nak_delay: float = 1.0
+    shutdown_grace: float = 20.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:
+        """Build the settings; raise one SettingsError naming every bad variable."""
+        reader = _EnvReader(os.environ if env is None else env)
+        node_name = reader.required("KRT_NODE_NAME")
+        entrypoint = reader.text("KRT_NATS_ENTRYPOINT_SUBJECT")
+        settings = cls(
+            node_name=node_name,
+            nats_servers=_split(reader.required("KRT_NATS_SERVER")),
+            nats_inputs=reader.inputs(),
+            nats_output=reader.output(entrypoint),
+            nats_stream=reader.required("KRT_NATS_STREAM"),
+            workflow_name=reader.text("KRT_WORKFLOW_NAME"),
+            version_id=reader.text("KRT_VERSION_ID"),
+            version=reader.text("KRT_VERSION"),
+            entrypoint_subject=entrypoint,
+            is_last_node=reader.boolean("KRT_IS_LAST_NODE", False),
+            durable=reader.text("KRT_NATS_DURABLE") or sanitize_durable(node_name),
+            handler_address=reader.text("KRT_HANDLER_ADDRESS") or DEFAULT_HANDLER_ADDRESS,
+            max_in_flight=reader.integer("KRT_MAX_IN_FLIGHT", 64, minimum=1),
+            http_host=reader.text("KRT_HTTP_HOST") or "0.0.0.0",
+            http_port=reader.integer("KRT_HTTP_PORT", 8080, minimum=0, maximum=65535),
+            max_payload_bytes=reader.integer("KRT_MAX_PAYLOAD_BYTES", MIB, minimum=1),
+            max_message_bytes=reader.integer("KRT_MAX_MESSAGE_BYTES", 64 * MIB, minimum=1),
+            grpc_max_message_bytes=reader.integer(
+                "KRT_GRPC_MAX_MESSAGE_BYTES", 64 * MIB, minimum=1
+            ),
+            ack_wait=reader.seconds("KRT_ACK_WAIT", 30.0, positive=True),
+            max_deliver=reader.integer("KRT_MAX_DELIVER", 5, minimum=1),
+            nak_delay=reader.seconds("KRT_NAK_DELAY", 1.0),
+            shutdown_grace=reader.seconds("KRT_SHUTDOWN_GRACE", 20.0),
+            log_level=reader.log_level(),
+        )
+        if reader.problems:
+            raise SettingsError(reader.problems)
+        return settings
+
+    def summary(self) -> str:
+        """One log line describing the settings. Nothing here is a secret."""
+        return (
+            f"node={self.node_name} stream={self.nats_stream} "
+            f"inputs={','.join(self.nats_inputs)} output={self.nats_output} "
+            f"entrypoint={self.entrypoint_subject or '-'} last_node={self.is_last_node} "
+            f"durable={self.durable} handler={self.handler_address} "
+            f"max_in_flight={self.max_in_flight} ack_wait={self.ack_wait:g}s "
+            f"max_deliver={self.max_deliver} nak_delay={self.nak_delay:g}s "
+            f"grace={self.shutdown_grace:g}s http={self.http_host}:{self.http_port}"
+        )
+
+
+def sanitize_durable(node_name: str) -> str:
+    """A JetStream consumer name from a node name: only [A-Za-z0-9_-]."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", node_name.strip())
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+class _EnvReader:
+    """Reads variables and collects every problem instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        self.problems: list[str] = []
+
+    def text(self, name: str) -> str:
+        return self._env.get(name, "").strip()
+
+    def required(self, name: str) -> str:
+        value = self.text(name)
+        if not value:
+            self.problems.append(f"{name} is missing")
+        return value
+
+    def inputs(self) -> tuple[str, ...]:
+        # KRT_NATS_INPUT is the README's form, KRT_NATS_INPUTS (comma separated) KRE's later one.
+        subjects = _split(self.text("KRT_NATS_INPUT")) + _split(self.text("KRT_NATS_INPUTS"))
+        if not subjects:
+            self.problems.append("KRT_NATS_INPUT or KRT_NATS_INPUTS is missing")
+        return tuple(dict.fromkeys(subjects))
+
+    def output(self, entrypoint: str) -> str:
+        if "KRT_NATS_OUTPUT" not in self._env:
+            self.problems.append("KRT_NATS_OUTPUT is missing")
+            return ""
+        # KRE leaves the last node's output empty: its replies go to the entrypoint.
+        output = self.text("KRT_NATS_OUTPUT") or entrypoint
+        if not output:
+            self.problems.append(
+                "KRT_NATS_OUTPUT is empty and KRT_NATS_ENTRYPOINT_SUBJECT is not set"
+            )
+        return output
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name).lower()
+        if not raw:
+            return default
+        if raw in _TRUE:
+            return True
+        if raw not in _FALSE:
+            self.problems.append(f"{name} must be true/false/1/0/yes/no, got {raw!r}")
+        return False
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            self.problems.append(f"{name} must be an integer >= {minimum}{upper}, got {raw!r}")
+            return default
+        return value
+
+    def seconds(self, name: str, default: float, positive: bool = False) -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            self.problems.append(f"{name} must be a number of seconds {bound}, got {raw!r}")
+            return default
+        return value
+
+    def log_level(self) -> str:
+        level = self.text("KRT_LOG_LEVEL").upper() or "INFO"
+        if level == "WARN":
+            level = "WARNING"
+        if level not in _LOG_LEVELS:
+            allowed = ", ".join(sorted(_LOG_LEVELS))
+            self.problems.append(f"KRT_LOG_LEVEL must be one of {allowed}, got {level!r}")
+            return "INFO"
+        return level

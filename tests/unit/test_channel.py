@@ -1,0 +1,231 @@
+"""The sidecar's channel against a fake in-process handler host over a Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from google.protobuf import any_pb2
+
+from protos import runner_pb2
+from protos.kre_nats_msg_pb2 import KreNatsMessage
+from sidecar.channel import HandlerChannel
+from sidecar.errors import HandlerUnavailable
+from tests.unit.fake_handler_host import (
+    Emit,
+    FakeHandlerHost,
+    Respond,
+    RunningHost,
+    greet,
+    packed,
+    text_of,
+)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a condition until it holds, failing after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def delivery(text: str) -> runner_pb2.Delivery:
+    return runner_pb2.Delivery(
+        message=KreNatsMessage(tracking_id=text, payload=packed(text)),
+        subject="in",
+        stream_sequence=1,
+        attempt=1,
+    )
+
+
+async def no_early_reply(payload: any_pb2.Any) -> None:
+    raise AssertionError("unexpected early reply")
+
+
+@pytest.fixture
+def address() -> Iterator[str]:
+    folder = tempfile.mkdtemp(prefix="kre-ch-")  # short: socket paths are limited to 107 bytes
+    yield f"unix://{folder}/handler.sock"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def started(address: str, respond: Respond = greet, serving: bool = True) -> RunningHost:
+    return await RunningHost(address, FakeHandlerHost(respond)).start(serving)
+
+
+@pytest.fixture
+async def channel(address: str) -> AsyncIterator[HandlerChannel]:
+    chan = HandlerChannel(address, max_message_bytes=4 * 1024 * 1024)
+    await chan.start()
+    yield chan
+    await chan.close()
+
+
+async def test_a_call_returns_the_result(address: str, channel: HandlerChannel) -> None:
+    host = await started(address)
+    try:
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        result = await channel.call(delivery("ana"), no_early_reply)
+        assert text_of(result.payload) == "hello ana"
+        assert channel.in_flight == 0
+    finally:
+        await host.stop()
+
+
+async def test_interleaved_events_are_routed_by_delivery_id(
+    address: str, channel: HandlerChannel
+) -> None:
+    async def slower_first(d: runner_pb2.Delivery, emit: Emit) -> None:
+        n = int(text_of(d.message.payload))
+        await emit(early_reply=packed(f"early {n}"))
+        await asyncio.sleep(0.002 * (30 - n))  # later deliveries answer first
+        await emit(result=runner_pb2.Result(payload=packed(f"result {n}")))
+
+    host = await started(address, slower_first)
+    try:
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        early: dict[int, list[str]] = {n: [] for n in range(30)}
+
+        async def one(n: int) -> str:
+            async def on_early(payload: any_pb2.Any) -> None:
+                early[n].append(text_of(payload))
+
+            result = await channel.call(delivery(str(n)), on_early)
+            return text_of(result.payload)
+
+        results = await asyncio.gather(*(one(n) for n in range(30)))
+        assert results == [f"result {n}" for n in range(30)]
+        assert early == {n: [f"early {n}"] for n in range(30)}
+        assert host.host.streams == 1  # one long-lived stream carried them all
+        assert len({d.id for d in host.host.deliveries}) == 30
+    finally:
+        await host.stop()
+
+
+async def test_early_replies_come_in_order_before_the_result(
+    address: str, channel: HandlerChannel
+) -> None:
+    async def three_early(d: runner_pb2.Delivery, emit: Emit) -> None:
+        for i in range(3):
+            await emit(early_reply=packed(f"early {i}"))
+        await emit(result=runner_pb2.Result())
+
+    host = await started(address, three_early)
+    try:
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        seen: list[str] = []
+
+        async def on_early(payload: any_pb2.Any) -> None:
+            await asyncio.sleep(0.01)  # a slow publish must not reorder or drop anything
+            seen.append(text_of(payload))
+
+        result = await channel.call(delivery("x"), on_early)
+        assert seen == ["early 0", "early 1", "early 2"]
+        assert result.WhichOneof("outcome") is None
+    finally:
+        await host.stop()
+
+
+async def test_host_going_away_fails_pending_calls_then_recovers(
+    address: str, channel: HandlerChannel
+) -> None:
+    async def hang(d: runner_pb2.Delivery, emit: Emit) -> None:
+        await asyncio.Event().wait()
+
+    host = await started(address, hang)
+    await asyncio.wait_for(channel.wait_ready(), 5)
+    calls = [asyncio.create_task(channel.call(delivery(str(n)), no_early_reply)) for n in range(5)]
+    await eventually(lambda: len(host.host.deliveries) == 5)
+
+    await host.stop()
+
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    assert all(isinstance(o, HandlerUnavailable) for o in outcomes), outcomes
+    await eventually(lambda: not channel.ready)
+    with pytest.raises(HandlerUnavailable):
+        await channel.call(delivery("late"), no_early_reply)
+
+    again = await started(address)
+    try:
+        await asyncio.wait_for(channel.wait_ready(), 10)
+        result = await channel.call(delivery("back"), no_early_reply)
+        assert text_of(result.payload) == "hello back"
+    finally:
+        await again.stop()
+
+
+async def test_not_ready_until_the_host_reports_serving(
+    address: str, channel: HandlerChannel
+) -> None:
+    host = await started(address, serving=False)
+    try:
+        await eventually(lambda: channel.status != "waiting for the handler host")
+        assert not channel.serving and not channel.ready
+        await host.set_serving(True)
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        assert channel.serving
+        await host.set_serving(False)
+        await eventually(lambda: not channel.serving)
+        assert not channel.ready
+    finally:
+        await host.stop()
+
+
+async def test_not_serving_keeps_the_open_stream_for_in_flight_calls(
+    address: str, channel: HandlerChannel
+) -> None:
+    release = asyncio.Event()
+
+    async def wait_for_release(d: runner_pb2.Delivery, emit: Emit) -> None:
+        await release.wait()
+        await emit(result=runner_pb2.Result(payload=packed("done")))
+
+    host = await started(address, wait_for_release)
+    try:
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        call = asyncio.create_task(channel.call(delivery("x"), no_early_reply))
+        await eventually(lambda: len(host.host.deliveries) == 1)
+        await host.set_serving(False)  # the host starts shutting down...
+        await eventually(lambda: not channel.serving)
+        release.set()  # ...but still finishes what it has
+        result = await asyncio.wait_for(call, 5)
+        assert text_of(result.payload) == "done"
+    finally:
+        await host.stop()
+
+
+async def test_close_fails_pending_calls(address: str) -> None:
+    async def hang(d: runner_pb2.Delivery, emit: Emit) -> None:
+        await asyncio.Event().wait()
+
+    host = await started(address, hang)
+    chan = HandlerChannel(address)
+    await chan.start()
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        call = asyncio.create_task(chan.call(delivery("x"), no_early_reply))
+        await eventually(lambda: len(host.host.deliveries) == 1)
+        await chan.close()
+        with pytest.raises(HandlerUnavailable):
+            await asyncio.wait_for(call, 5)
+    finally:
+        await host.stop()
+
+
+async def test_tcp_address_works_too() -> None:
+    host = await started("127.0.0.1:0")
+    chan = HandlerChannel(host.target)
+    await chan.start()
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        result = await chan.call(delivery("tcp"), no_early_reply)
+        assert text_of(result.payload) == "hello tcp"
+    finally:
+        await chan.close()
+        await host.stop()

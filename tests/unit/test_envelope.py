@@ -1,0 +1,242 @@
+"""The KRE envelope: tracking, compression, bad inputs, byte compatibility."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import zlib
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from google.protobuf import any_pb2, wrappers_pb2
+
+from protos.kre_nats_msg_pb2 import KreNatsMessage
+from sidecar import envelope
+from sidecar.errors import BadInputError, PayloadTooLargeError
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+MIB = 1024 * 1024
+
+
+def packed(text: str) -> any_pb2.Any:
+    payload = any_pb2.Any()
+    payload.Pack(wrappers_pb2.StringValue(value=text))
+    return payload
+
+
+def request() -> KreNatsMessage:
+    msg = KreNatsMessage(tracking_id="track-1", reply="_INBOX.reply", replied=True)
+    msg.tracking.add(node_name="entrypoint", start="2024-01-01T00:00:00.000000Z", end="e0")
+    msg.tracking.add(node_name="node-a", start="s1", end="e1")
+    msg.payload.CopyFrom(packed("input"))
+    return msg
+
+
+def test_output_carries_tracking_and_adds_this_node() -> None:
+    start = datetime(2024, 5, 1, 12, 0, 0, 123, tzinfo=UTC)
+    end = start + timedelta(milliseconds=5)
+
+    out = envelope.build_output(request(), "node-b", packed("output"), start, end)
+
+    assert [t.node_name for t in out.tracking] == ["entrypoint", "node-a", "node-b"]
+    assert out.tracking[0].start == "2024-01-01T00:00:00.000000Z"
+    assert out.tracking[2].start == "2024-05-01T12:00:00.000123Z"
+    assert out.tracking[2].end == "2024-05-01T12:00:00.005123Z"
+    assert RFC3339_UTC.match(out.tracking[2].start)
+    assert out.tracking_id == "track-1"
+    assert out.reply == "_INBOX.reply"
+    assert out.replied is True
+    assert out.error == ""
+    value = wrappers_pb2.StringValue()
+    assert out.payload.Unpack(value) and value.value == "output"
+
+
+def test_rfc3339_converts_to_utc_and_treats_naive_as_utc() -> None:
+    plus_two = timezone(timedelta(hours=2))
+    assert envelope.rfc3339(datetime(2024, 1, 1, 14, 0, tzinfo=plus_two)) == (
+        "2024-01-01T12:00:00.000000Z"
+    )
+    assert envelope.rfc3339(datetime(2024, 1, 1, 12, 0)) == "2024-01-01T12:00:00.000000Z"
+
+
+def test_output_of_a_fresh_request_has_one_tracking_entry() -> None:
+    now = datetime.now(UTC)
+    out = envelope.build_output(KreNatsMessage(), "n", packed("x"), now, now)
+    assert [t.node_name for t in out.tracking] == ["n"]
+    assert out.replied is False
+
+
+def test_early_reply_is_marked_replied_and_keeps_ids() -> None:
+    req = request()
+    req.replied = False
+    reply = envelope.build_early_reply(req, packed("early"))
+    assert reply.replied is True
+    assert reply.tracking_id == "track-1"
+    assert reply.reply == "_INBOX.reply"
+    assert reply.payload == packed("early")
+
+
+def test_error_envelope_text_and_tracking_id() -> None:
+    error = envelope.build_error(request(), "track-1", "node-b", "boom")
+    assert error.error == "error in 'node-b': boom"
+    assert error.tracking_id == "track-1"
+    assert error.reply == "_INBOX.reply"
+    assert not error.HasField("payload")
+
+
+def test_error_envelope_without_a_request_has_an_empty_tracking_id() -> None:
+    error = envelope.build_error(None, "", "node-b", "bad input: empty message")
+    assert error.error == "error in 'node-b': bad input: empty message"
+    assert error.tracking_id == ""
+    assert len(error.tracking) == 0
+
+
+def test_small_outputs_are_not_compressed() -> None:
+    msg = request()
+    data = envelope.encode(msg, MIB)
+    assert not envelope.is_compressed(data)
+    assert data == msg.SerializeToString()
+    assert envelope.decode_input(data, MIB) == msg
+
+
+def test_outputs_over_the_threshold_are_gzipped_and_decodable() -> None:
+    msg = request()
+    msg.payload.CopyFrom(packed("x" * (2 * MIB)))
+    data = envelope.encode(msg, MIB)
+    assert envelope.is_compressed(data)
+    assert len(data) < MIB
+    # Any KRE node reads it back with plain gzip.
+    assert gzip.decompress(data) == msg.SerializeToString()
+    assert envelope.decode_input(data, 4 * MIB) == msg
+
+
+def test_threshold_is_inclusive_like_kre() -> None:
+    msg = request()
+    msg.payload.CopyFrom(packed("z" * 4096))
+    size = len(msg.SerializeToString())
+    assert not envelope.is_compressed(envelope.encode(msg, size))
+    assert envelope.is_compressed(envelope.encode(msg, size - 1))
+
+
+def test_output_too_large_even_when_gzipped_is_refused() -> None:
+    msg = request()
+    msg.payload.CopyFrom(packed(os.urandom(64 * 1024).hex()))
+    with pytest.raises(PayloadTooLargeError) as info:
+        envelope.encode(msg, 1024)
+    assert info.value.limit == 1024
+
+
+def test_gzipped_input_from_kre_is_decoded() -> None:
+    msg = request()
+    data = gzip.compress(msg.SerializeToString(), compresslevel=9)
+    assert envelope.decode_input(data, MIB) == msg
+
+
+def test_gzip_bomb_is_capped() -> None:
+    bomb = gzip.compress(b"\0" * (32 * MIB))
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(BadInputError, match="over the 1048576 byte limit"):
+        envelope.decode_input(bomb, MIB)
+
+
+def test_gunzip_stops_at_the_cap_without_inflating_everything() -> None:
+    # 256 MiB of zeros in about 256 KiB: inflating it all would need the 256 MiB.
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = b"\0" * MIB
+    bomb = b"".join(compressor.compress(chunk) for _ in range(256)) + compressor.flush()
+    with pytest.raises(BadInputError, match="over the"):
+        envelope.gunzip(bomb, MIB)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty message"),
+        (b"not a protobuf", "not a KreNatsMessage protobuf"),
+        (request().SerializeToString()[:-3], "not a KreNatsMessage protobuf"),
+        (b"\x1f\x8b\x08\x00garbage-not-deflate", "bad gzip data"),
+        (gzip.compress(request().SerializeToString())[:-12], "truncated gzip data"),
+        (gzip.compress(b""), "empty message once decompressed"),
+        (gzip.compress(b"\xff\xff\xff"), "not a KreNatsMessage protobuf"),
+        (gzip.compress(request().SerializeToString()) + b"junk", "unexpected bytes"),
+    ],
+    ids=[
+        "empty",
+        "not-protobuf",
+        "truncated-protobuf",
+        "bad-gzip",
+        "truncated-gzip",
+        "empty-gzip",
+        "gzipped-garbage",
+        "trailing-junk",
+    ],
+)
+def test_bad_inputs_give_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(BadInputError) as info:
+        envelope.decode_input(data, MIB)
+    assert reason in info.value.reason
+    assert str(info.value).startswith("bad input message: ")
+
+
+def test_uncompressed_input_over_the_limit_is_refused() -> None:
+    with pytest.raises(BadInputError, match="over the 10 byte limit"):
+        envelope.decode_input(request().SerializeToString(), 10)
+
+
+def test_concatenated_gzip_members_are_read() -> None:
+    data = request().SerializeToString()
+    half = len(data) // 2
+    two_members = gzip.compress(data[:half]) + gzip.compress(data[half:])
+    assert envelope.decode_input(two_members, MIB) == request()
+
+
+def _field(number: int, wire_type: int) -> bytes:
+    return bytes([(number << 3) | wire_type])
+
+
+def _bytes_field(number: int, value: bytes) -> bytes:
+    assert len(value) < 128
+    return _field(number, 2) + bytes([len(value)]) + value
+
+
+def test_byte_compatibility_with_hand_built_wire_bytes() -> None:
+    # KRE's KreNatsMessage, field by field: tracking_id=1, tracking=2 (node_name=1, start=2,
+    # end=3), reply=3, payload=4 (Any: type_url=1, value=2), error=5, replied=6 (varint).
+    tracking = (
+        _bytes_field(1, b"node-a")
+        + _bytes_field(2, b"2024-01-01T00:00:00.000000Z")
+        + _bytes_field(3, b"2024-01-01T00:00:01.000000Z")
+    )
+    any_bytes = _bytes_field(1, b"type.googleapis.com/google.protobuf.StringValue") + (
+        _bytes_field(2, _bytes_field(1, b"hi"))
+    )
+    wire = (
+        _bytes_field(1, b"abc-123")
+        + _bytes_field(2, tracking)
+        + _bytes_field(3, b"_INBOX.x")
+        + _bytes_field(4, any_bytes)
+        + _bytes_field(5, b"oops")
+        + _field(6, 0)
+        + b"\x01"
+    )
+
+    msg = envelope.decode_input(wire, MIB)
+
+    assert msg.tracking_id == "abc-123"
+    assert msg.tracking[0].node_name == "node-a"
+    assert msg.tracking[0].start == "2024-01-01T00:00:00.000000Z"
+    assert msg.tracking[0].end == "2024-01-01T00:00:01.000000Z"
+    assert msg.reply == "_INBOX.x"
+    assert msg.error == "oops"
+    assert msg.replied is True
+    value = wrappers_pb2.StringValue()
+    assert msg.payload.Unpack(value) and value.value == "hi"
+    # And the same bytes come back out: nothing is reordered or renamed.
+    assert msg.SerializeToString() == wire
+
+
+def test_unknown_fields_from_newer_kre_versions_are_tolerated() -> None:
+    # Later KRE versions added fields (request_id, early_exit...): they must not break decoding.
+    wire = _bytes_field(1, b"abc") + _bytes_field(7, b"req-9") + _field(8, 0) + b"\x01"
+    assert envelope.decode_input(wire, MIB).tracking_id == "abc"

@@ -1,0 +1,234 @@
+"""The outcome policy: one test per row of the table in DESIGN.md, plus KRE's last-node rule."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from datetime import UTC, datetime
+
+import pytest
+from google.protobuf import any_pb2, wrappers_pb2
+
+from protos.kre_nats_msg_pb2 import KreNatsMessage
+from sidecar.outcome import (
+    MAX_NAK_DELAY,
+    Ack,
+    BadInput,
+    DeadLetterAndTerm,
+    Facts,
+    Nak,
+    Policy,
+    PublishErrorThenAck,
+    PublishFailed,
+    PublishThenAck,
+    Raised,
+    Returned,
+    Unavailable,
+    decide,
+)
+from sidecar.settings import SidecarSettings
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+POLICY = Policy(
+    node_name="node-b",
+    output_subject="out",
+    error_subject="err",
+    max_deliver=5,
+    nak_delay=1.0,
+)
+LAST = Policy(
+    node_name="node-z",
+    output_subject="entry",
+    error_subject="entry",
+    is_last_node=True,
+    max_deliver=5,
+    nak_delay=1.0,
+)
+
+
+def packed(text: str) -> any_pb2.Any:
+    payload = any_pb2.Any()
+    payload.Pack(wrappers_pb2.StringValue(value=text))
+    return payload
+
+
+def request(replied: bool = False) -> KreNatsMessage:
+    msg = KreNatsMessage(tracking_id="t-1", reply="_INBOX.r", replied=replied)
+    msg.tracking.add(node_name="node-a", start="s", end="e")
+    return msg
+
+
+def facts(attempt: int = 1, replied: bool = False, early: bool = False) -> Facts:
+    return Facts(request(replied), attempt, early_replied=early)
+
+
+def returned(text: str | None = "out") -> Returned:
+    return Returned(packed(text) if text is not None else None, NOW, NOW)
+
+
+def test_returned_message_is_published_then_acked() -> None:
+    action = decide(returned(), facts(), POLICY)
+    assert isinstance(action, PublishThenAck)
+    assert action.subject == "out"
+    assert action.envelope.tracking_id == "t-1"
+    assert [t.node_name for t in action.envelope.tracking] == ["node-a", "node-b"]
+    assert KreNatsMessage.FromString(action.data) == action.envelope
+    assert action.outcome == "published"
+
+
+def test_returned_none_is_acked_with_nothing_published() -> None:
+    action = decide(returned(None), facts(), POLICY)
+    assert isinstance(action, Ack)
+    assert action.outcome == "acked"
+
+
+def test_early_reply_marks_the_output_replied() -> None:
+    action = decide(returned(), facts(early=True), POLICY)
+    assert isinstance(action, PublishThenAck)
+    assert action.envelope.replied is True
+
+
+def test_large_output_is_gzipped() -> None:
+    action = decide(returned("x" * 2_000_000), facts(), POLICY)
+    assert isinstance(action, PublishThenAck)
+    assert action.data[:2] == b"\x1f\x8b"
+    assert KreNatsMessage.FromString(gzip.decompress(action.data)) == action.envelope
+
+
+def test_output_too_large_even_gzipped_becomes_an_error_envelope() -> None:
+    policy = Policy("node-b", "out", "err", max_payload_bytes=1024)
+    action = decide(returned(os.urandom(8192).hex()), facts(), policy)
+    assert isinstance(action, PublishErrorThenAck)
+    assert "over the 1024 byte limit" in action.envelope.error
+
+
+def test_handler_raised_publishes_an_error_envelope_then_acks() -> None:
+    action = decide(Raised("boom", "ValueError"), facts(), POLICY)
+    assert isinstance(action, PublishErrorThenAck)
+    assert action.subject == "err"
+    assert action.envelope.error == "error in 'node-b': boom"
+    assert action.envelope.tracking_id == "t-1"
+    assert KreNatsMessage.FromString(action.data) == action.envelope
+
+
+def test_very_long_error_messages_are_cut() -> None:
+    action = decide(Raised("x" * 100_000), facts(), POLICY)
+    assert isinstance(action, PublishErrorThenAck)
+    assert len(action.envelope.error) < 20_000
+    assert action.envelope.error.endswith("... (cut)")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "delay"), [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0)], ids=lambda v: str(v)
+)
+def test_retryable_error_naks_with_exponential_backoff(attempt: int, delay: float) -> None:
+    action = decide(Raised("busy", "RetryableError", retryable=True), facts(attempt), POLICY)
+    assert isinstance(action, Nak)
+    assert action.delay == delay
+    assert "busy" in action.reason
+
+
+def test_backoff_is_capped() -> None:
+    policy = Policy("n", "out", "err", max_deliver=100, nak_delay=5.0)
+    action = decide(Unavailable("down"), facts(attempt=50), policy)
+    assert isinstance(action, Nak)
+    assert action.delay == MAX_NAK_DELAY
+
+
+@pytest.mark.parametrize("attempt", [5, 6])
+def test_retryable_error_at_max_deliver_is_dead_lettered(attempt: int) -> None:
+    action = decide(Raised("busy", retryable=True), facts(attempt), POLICY)
+    assert isinstance(action, DeadLetterAndTerm)
+    assert action.subject == "err"
+    assert action.envelope is not None
+    assert action.envelope.tracking_id == "t-1"
+    assert action.envelope.error.startswith("error in 'node-b': gave up after")
+    assert "busy" in action.envelope.error
+    assert KreNatsMessage.FromString(action.data) == action.envelope
+
+
+def test_handler_host_unavailable_naks() -> None:
+    action = decide(Unavailable("UNAVAILABLE: socket closed"), facts(attempt=2), POLICY)
+    assert isinstance(action, Nak)
+    assert action.delay == 2.0
+    assert "socket closed" in action.reason
+
+
+def test_handler_host_unavailable_at_max_deliver_is_dead_lettered_not_lost() -> None:
+    action = decide(Unavailable("down"), facts(attempt=5), POLICY)
+    assert isinstance(action, DeadLetterAndTerm)
+    assert action.envelope is not None and "handler host unavailable" in action.envelope.error
+
+
+def test_publish_failed_naks() -> None:
+    action = decide(PublishFailed("timeout"), facts(attempt=1), POLICY)
+    assert isinstance(action, Nak)
+    assert action.delay == 1.0
+
+
+def test_publish_failed_at_max_deliver_is_dead_lettered() -> None:
+    action = decide(PublishFailed("timeout"), facts(attempt=5), POLICY)
+    assert isinstance(action, DeadLetterAndTerm)
+
+
+def test_bad_input_is_dead_lettered_with_an_empty_tracking_id() -> None:
+    action = decide(BadInput("bad gzip data"), Facts(None, 1), POLICY)
+    assert isinstance(action, DeadLetterAndTerm)
+    assert action.envelope is not None
+    assert action.envelope.tracking_id == ""
+    assert action.envelope.error == "error in 'node-b': bad input: bad gzip data"
+    assert action.outcome == "dead_lettered"
+
+
+def test_bad_input_is_never_retried_even_on_the_first_attempt() -> None:
+    assert isinstance(decide(BadInput("empty"), Facts(None, 1), POLICY), DeadLetterAndTerm)
+
+
+@pytest.mark.parametrize(("replied", "early"), [(True, False), (False, True), (True, True)])
+def test_last_node_publishes_nothing_for_an_already_replied_message(
+    replied: bool, early: bool
+) -> None:
+    action = decide(returned(), facts(replied=replied, early=early), LAST)
+    assert isinstance(action, Ack)
+    assert action.outcome == "skipped_replied"
+
+
+def test_last_node_publishes_an_error_nothing_for_an_already_replied_message() -> None:
+    action = decide(Raised("boom"), facts(replied=True), LAST)
+    assert isinstance(action, Ack)
+    assert action.outcome == "skipped_replied"
+
+
+def test_last_node_dead_letter_of_a_replied_message_only_terms() -> None:
+    action = decide(Unavailable("down"), facts(attempt=5, replied=True), LAST)
+    assert isinstance(action, DeadLetterAndTerm)
+    assert action.envelope is None and action.data == b""
+
+
+def test_last_node_publishes_when_not_replied() -> None:
+    action = decide(returned(), facts(), LAST)
+    assert isinstance(action, PublishThenAck)
+    assert action.subject == "entry"
+
+
+def test_replied_input_on_a_middle_node_is_still_published() -> None:
+    action = decide(returned(), facts(replied=True), POLICY)
+    assert isinstance(action, PublishThenAck)
+    assert action.envelope.replied is True
+
+
+def test_policy_from_settings_sends_errors_where_the_output_goes() -> None:
+    settings = SidecarSettings(
+        node_name="n",
+        nats_servers=("s",),
+        nats_inputs=("i",),
+        nats_stream="S",
+        nats_output="out",
+        entrypoint_subject="entry",
+        is_last_node=True,
+        max_deliver=3,
+        nak_delay=0.5,
+        max_payload_bytes=2048,
+    )
+    policy = Policy.from_settings(settings)
+    assert policy == Policy("n", "out", "out", True, 3, 0.5, 2048)

@@ -1,0 +1,201 @@
+"""Sidecar settings from the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.errors import SettingsError
+from sidecar.settings import DEFAULT_HANDLER_ADDRESS, SidecarSettings, sanitize_durable
+
+BASE = {
+    "KRT_NODE_NAME": "node-a",
+    "KRT_NATS_SERVER": "nats://127.0.0.1:4222",
+    "KRT_NATS_INPUT": "wf.node-a",
+    "KRT_NATS_OUTPUT": "wf.node-b",
+    "KRT_NATS_STREAM": "wf-stream",
+}
+
+
+def settings(**overrides: str) -> SidecarSettings:
+    return SidecarSettings.from_env({**BASE, **overrides})
+
+
+def test_defaults() -> None:
+    s = settings()
+    assert s.node_name == "node-a"
+    assert s.nats_servers == ("nats://127.0.0.1:4222",)
+    assert s.nats_inputs == ("wf.node-a",)
+    assert s.nats_output == "wf.node-b"
+    assert s.nats_stream == "wf-stream"
+    assert s.entrypoint_subject == ""
+    assert s.is_last_node is False
+    assert s.durable == "node-a"
+    assert s.handler_address == DEFAULT_HANDLER_ADDRESS == "unix:///var/run/kre/handler.sock"
+    assert s.max_in_flight == 64
+    assert (s.http_host, s.http_port) == ("0.0.0.0", 8080)
+    assert s.max_payload_bytes == 1024 * 1024
+    assert s.max_message_bytes == 64 * 1024 * 1024
+    assert s.grpc_max_message_bytes == 64 * 1024 * 1024
+    assert (s.ack_wait, s.max_deliver, s.nak_delay, s.shutdown_grace) == (30.0, 5, 1.0, 20.0)
+    assert s.log_level == "INFO"
+
+
+def test_all_missing_variables_are_listed_in_one_error() -> None:
+    with pytest.raises(SettingsError) as info:
+        SidecarSettings.from_env({})
+    message = str(info.value)
+    for name in (
+        "KRT_NODE_NAME",
+        "KRT_NATS_SERVER",
+        "KRT_NATS_INPUT or KRT_NATS_INPUTS",
+        "KRT_NATS_OUTPUT",
+        "KRT_NATS_STREAM",
+    ):
+        assert f"{name} is missing" in message
+    assert len(info.value.problems) == 5
+
+
+def test_missing_and_invalid_are_reported_together() -> None:
+    env = {**BASE, "KRT_MAX_IN_FLIGHT": "0", "KRT_IS_LAST_NODE": "maybe"}
+    del env["KRT_NATS_STREAM"]
+    with pytest.raises(SettingsError) as info:
+        SidecarSettings.from_env(env)
+    assert len(info.value.problems) == 3
+    assert "KRT_NATS_STREAM is missing" in str(info.value)
+    assert "KRT_MAX_IN_FLIGHT must be an integer >= 1, got '0'" in str(info.value)
+    assert "KRT_IS_LAST_NODE must be true/false/1/0/yes/no, got 'maybe'" in str(info.value)
+
+
+def test_inputs_plural_is_comma_separated() -> None:
+    env = {**BASE, "KRT_NATS_INPUTS": "wf.a, wf.b,,wf.c "}
+    del env["KRT_NATS_INPUT"]
+    assert SidecarSettings.from_env(env).nats_inputs == ("wf.a", "wf.b", "wf.c")
+
+
+def test_input_and_inputs_together_are_a_union_without_duplicates() -> None:
+    s = settings(KRT_NATS_INPUTS="wf.x,wf.node-a")
+    assert s.nats_inputs == ("wf.node-a", "wf.x")
+
+
+def test_several_nats_servers() -> None:
+    s = settings(KRT_NATS_SERVER="nats://a:4222, nats://b:4222")
+    assert s.nats_servers == ("nats://a:4222", "nats://b:4222")
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("false", False),
+        ("0", False),
+        ("No", False),
+        ("", False),
+    ],
+)
+def test_booleans(raw: str, value: bool) -> None:
+    assert settings(KRT_IS_LAST_NODE=raw).is_last_node is value
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("KRT_MAX_IN_FLIGHT", "abc"),
+        ("KRT_MAX_IN_FLIGHT", "-1"),
+        ("KRT_MAX_DELIVER", "0"),
+        ("KRT_HTTP_PORT", "70000"),
+        ("KRT_HTTP_PORT", "-1"),
+        ("KRT_MAX_PAYLOAD_BYTES", "1.5"),
+        ("KRT_ACK_WAIT", "0"),
+        ("KRT_ACK_WAIT", "soon"),
+        ("KRT_NAK_DELAY", "-1"),
+        ("KRT_SHUTDOWN_GRACE", "inf"),
+        ("KRT_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_invalid_values_are_named(name: str, raw: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(**{name: raw})
+    assert len(info.value.problems) == 1
+    assert name in info.value.problems[0]
+    assert repr(raw.upper() if name == "KRT_LOG_LEVEL" else raw) in info.value.problems[0]
+
+
+def test_numbers_are_parsed() -> None:
+    s = settings(
+        KRT_MAX_IN_FLIGHT="8",
+        KRT_HTTP_PORT="0",
+        KRT_MAX_PAYLOAD_BYTES="2048",
+        KRT_MAX_MESSAGE_BYTES="4096",
+        KRT_GRPC_MAX_MESSAGE_BYTES="8192",
+        KRT_ACK_WAIT="1.5",
+        KRT_MAX_DELIVER="3",
+        KRT_NAK_DELAY="0",
+        KRT_SHUTDOWN_GRACE="0.5",
+    )
+    assert (s.max_in_flight, s.http_port) == (8, 0)
+    assert (s.max_payload_bytes, s.max_message_bytes, s.grpc_max_message_bytes) == (
+        2048,
+        4096,
+        8192,
+    )
+    assert (s.ack_wait, s.max_deliver, s.nak_delay, s.shutdown_grace) == (1.5, 3, 0.0, 0.5)
+
+
+def test_optional_strings() -> None:
+    s = settings(
+        KRT_WORKFLOW_NAME="wf",
+        KRT_VERSION_ID="v-id",
+        KRT_VERSION="v1",
+        KRT_NATS_ENTRYPOINT_SUBJECT="wf.entrypoint",
+        KRT_NATS_DURABLE="custom",
+        KRT_HANDLER_ADDRESS="127.0.0.1:50051",
+        KRT_HTTP_HOST="127.0.0.1",
+        KRT_LOG_LEVEL="debug",
+    )
+    assert (s.workflow_name, s.version_id, s.version) == ("wf", "v-id", "v1")
+    assert s.entrypoint_subject == "wf.entrypoint"
+    assert s.durable == "custom"
+    assert s.handler_address == "127.0.0.1:50051"
+    assert s.http_host == "127.0.0.1"
+    assert s.log_level == "DEBUG"
+
+
+def test_durable_defaults_to_the_sanitized_node_name() -> None:
+    assert settings(KRT_NODE_NAME="my node.v1/x*").durable == "my_node_v1_x_"
+    assert sanitize_durable("Node-1_ok") == "Node-1_ok"
+
+
+def test_empty_output_falls_back_to_the_entrypoint_like_kre_last_nodes() -> None:
+    s = settings(KRT_NATS_OUTPUT="", KRT_NATS_ENTRYPOINT_SUBJECT="wf.entrypoint")
+    assert s.nats_output == "wf.entrypoint"
+
+
+def test_empty_output_without_entrypoint_is_an_error() -> None:
+    with pytest.raises(SettingsError, match="KRT_NATS_OUTPUT is empty"):
+        settings(KRT_NATS_OUTPUT="")
+
+
+def test_handler_host_variables_are_accepted_and_ignored() -> None:
+    s = settings(
+        KRT_BASE_PATH="/krt",
+        KRT_HANDLER_PATH="src/handler.py",
+        KRT_MONGO_URI="mongodb://user:secret@mongo:27017",
+        KRT_INFLUX_URI="http://influx:8086",
+        KRT_NATS_MONGO_WRITER="mongo_writer",
+    )
+    assert "secret" not in s.summary()
+
+
+def test_summary_is_one_line() -> None:
+    summary = settings(KRT_NATS_INPUTS="a,b").summary()
+    assert "\n" not in summary
+    assert "inputs=wf.node-a,a,b" in summary
+
+
+def test_settings_are_frozen() -> None:
+    s = settings()
+    with pytest.raises(AttributeError):
+        s.node_name = "other"  # type: ignore[misc]
