@@ -14,16 +14,23 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The InfluxDB-protocol server the tests and the demo write measurements to (Debian's).
+VICTORIA := /usr/bin/victoria-metrics
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(VICTORIA):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends victoria-metrics
+
 ## Embedded NATS + sidecar + handler host with the greeter; sends requests, prints replies, exits.
-demo: $(STAMP)
+demo: $(STAMP) $(VICTORIA)
 	$(BIN)/python -m deploy.local.demo
 
 ## Same, but keeps everything serving until Ctrl-C.
-demo-serve: $(STAMP)
+demo-serve: $(STAMP) $(VICTORIA)
 	$(BIN)/python -m deploy.local.demo --serve
 
 ## The whole test suite (unit, gRPC level, integration, end to end).
-test: $(STAMP)
+test: $(STAMP) $(VICTORIA)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
