@@ -53,7 +53,7 @@ async def connect(url: str) -> tuple[Client, JetStreamContext]:
 
 async def ensure_stream(js: JetStreamContext, name: str, subjects: Iterable[str]) -> None:
     """Create the node's stream, or widen its subjects when it exists."""
-    wanted = list(subjects)
+    wanted = list(dict.fromkeys(subjects))  # in order, without repeats
     try:
         info = await js.stream_info(name)
     except NotFoundError:
