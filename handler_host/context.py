@@ -19,6 +19,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from handler_host.errors import EarlyReplyError, ServiceNotConfigured
+from handler_host.logs import current_tags, tag_prefix
 
 if TYPE_CHECKING:
     from handler_host.settings import HostSettings
@@ -149,10 +150,12 @@ class ContextPath(str):
 
 
 class ContextLogger(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the node name (and the tracking id, per message).
+    """Prefixes every line with the node name (and, per message, the tracking id, the
+    delivery attempt and the trace id when known).
 
-    The same values are in the record's ``extra`` (``kre_node``, ``kre_tracking_id``)
-    for structured formatters.
+    The same values are in the record's ``extra`` (``kre_node``, ``kre_tracking_id``,
+    ``kre_attempt``, ``kre_traceparent``) for structured formatters, and the prefix
+    itself as ``kre_prefix`` (the JSON formatter takes it off the message).
     """
 
     def process(
@@ -160,11 +163,10 @@ class ContextLogger(logging.LoggerAdapter[logging.Logger]):
     ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = dict(self.extra or {})
         extra.update(kwargs.get("extra") or {})
+        prefix = tag_prefix(extra)
+        extra["kre_prefix"] = prefix
         kwargs["extra"] = extra
-        prefix = f"node={extra['kre_node']}"
-        if extra.get("kre_tracking_id"):
-            prefix += f" tracking_id={extra['kre_tracking_id']}"
-        return f"[{prefix}] {msg}", kwargs
+        return f"{prefix} {msg}", kwargs
 
 
 class Context:
@@ -273,9 +275,14 @@ class MessageContext:
     ) -> None:
         self.shared = shared
         self.tracking_id = tracking_id
-        self.logger = ContextLogger(
-            shared.logger.logger, {"kre_node": shared.node_name, "kre_tracking_id": tracking_id}
-        )
+        # The dispatcher made the delivery's tags current (attempt, traceparent): they
+        # go into the logger itself, so that its lines carry them from a worker thread.
+        tags = current_tags()
+        extra = tags.extra() if tags is not None else {}
+        extra["kre_node"] = shared.node_name
+        if tracking_id:
+            extra["kre_tracking_id"] = tracking_id
+        self.logger = ContextLogger(shared.logger.logger, extra)
         self._input_replied = replied
         self._early_replied = False
         self._finished = False

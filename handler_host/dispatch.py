@@ -9,26 +9,45 @@ flight. Sync handlers run in a thread pool of ``KRT_HANDLER_THREADS`` threads
 (default 1, so a model that is not thread-safe, a GPU model typically, is never
 entered twice at once). ``ctx.early_reply`` is a coroutine, so only async handlers
 can use it; from a sync handler it raises EarlyReplyError.
+
+``KRT_HANDLER_TIMEOUT`` (seconds, 0 = no limit) bounds each message:
+
+- an async handler still running after the timeout is cancelled;
+- a sync handler must get a thread within the timeout, then return within the timeout
+  of its start. A message that never got a thread is withdrawn from the pool unrun and
+  fails as retryable (``NoFreeHandlerThread``: the sidecar naks it). A running thread
+  cannot be stopped: the message fails at once, but the thread stays busy until the
+  handler returns, and the host logs how many threads are held that way;
+- either way the message fails with ``handler timed out after Ns`` (not retryable).
+
+A Result or early reply larger than ``KRT_GRPC_MAX_MESSAGE_BYTES`` would break the
+stream every message shares; it becomes a failure instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from handler_host.context import Context, EmitEarly, pack_any
 from handler_host.errors import (
+    EarlyReplyError,
     InitError,
     InvalidHandlerResult,
     RetryableError,
+    RunnerError,
     format_user_traceback,
 )
 from handler_host.loader import UserCode, is_async_callable
@@ -39,6 +58,39 @@ logger = logging.getLogger(__name__)
 # A failure travels inside a NATS message: keep the text bounded.
 MAX_FAILURE_MESSAGE_CHARS = 16 * 1024
 MAX_TRACEBACK_CHARS = 32 * 1024
+# An Event's delivery id and framing, on top of the Result or early reply in it.
+EVENT_ROOM = 32
+
+
+class HandlerTimeout(RunnerError):
+    """The handler ran longer than KRT_HANDLER_TIMEOUT."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"handler timed out after {seconds:g}s")
+
+
+class NoFreeHandlerThread(RetryableError):
+    """A sync handler's message waited KRT_HANDLER_TIMEOUT for a thread and was not run."""
+
+    def __init__(self, seconds: float, stuck: int) -> None:
+        self.seconds = seconds
+        self.stuck = stuck
+        super().__init__(
+            f"no free handler thread within {seconds:g}s ({stuck} held by timed-out "
+            "handlers): not run, retried later"
+        )
+
+
+class ResultTooLarge(RunnerError):
+    """What the handler produced cannot travel over gRPC to the sidecar."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{what} is {size} bytes, over the {limit} byte gRPC limit (KRT_GRPC_MAX_MESSAGE_BYTES)"
+        )
 
 
 @dataclass
@@ -52,17 +104,35 @@ class _Span:
 class Dispatcher:
     """Calls the user's ``init`` and ``handler`` with the right ctx, in the right place."""
 
-    def __init__(self, user_code: UserCode, context: Context, executor: Executor) -> None:
+    def __init__(
+        self,
+        user_code: UserCode,
+        context: Context,
+        executor: Executor,
+        *,
+        timeout: float = 0.0,
+        max_message_bytes: int = 0,
+        threads: int | None = None,
+    ) -> None:
         self.user_code = user_code
         self.context = context
+        self.timeout = timeout  # KRT_HANDLER_TIMEOUT; 0: no limit
         self._executor = executor
+        self._max_message_bytes = max_message_bytes  # 0: not checked
+        self._threads = threads
         self._handler_is_async = is_async_callable(user_code.handler)
-        self._sync_calls = 0
+        self._sync_calls: set[concurrent.futures.Future[Any]] = set()
+        self._stuck: set[concurrent.futures.Future[Any]] = set()
 
     @property
     def sync_calls_pending(self) -> int:
         """Sync user calls queued or running in the thread pool (they cannot be cancelled)."""
-        return self._sync_calls
+        return len(self._sync_calls)
+
+    @property
+    def stuck_threads(self) -> int:
+        """Threads still running a sync handler that timed out."""
+        return len(self._stuck)
 
     async def run_init(self) -> None:
         """Run ``init(ctx)`` with the shared Context; raise InitError if it raises."""
@@ -83,46 +153,173 @@ class Dispatcher:
         """Run the handler for one delivery; never raises (except when itself cancelled)."""
         message = delivery.message
         ctx = self.context.for_message(
-            message.tracking_id, replied=message.replied, emit_early=emit_early
+            message.tracking_id, replied=message.replied, emit_early=self._bounded(emit_early)
         )
         span = _Span()
         try:
             value = await self._call(
-                self.user_code.handler, (ctx, message.payload), self._handler_is_async, span
+                self.user_code.handler,
+                (ctx, message.payload),
+                self._handler_is_async,
+                span,
+                self.timeout,
             )
-            result = _result_of(value)
+            result = self._result_of(value)
         except asyncio.CancelledError as exc:
             if _being_cancelled():
                 raise
-            result = _failed(delivery, exc)  # raised by the handler, not a cancellation of ours
+            result = self._failed(delivery, exc)  # raised by the handler, not a cancellation
         except BaseException as exc:  # every ending becomes one Result
-            result = _failed(delivery, exc)
+            result = self._failed(delivery, exc)
         finally:
             ctx.finish()
         _stamp(result, span)
         return result
 
+    def _bounded(self, emit_early: EmitEarly) -> EmitEarly:
+        limit = self._max_message_bytes
+
+        async def emit(payload: any_pb2.Any) -> None:
+            size = payload.ByteSize() + EVENT_ROOM
+            if limit and size > limit:
+                raise EarlyReplyError(str(ResultTooLarge("the early reply", size, limit)))
+            await emit_early(payload)
+
+        return emit
+
+    def _result_of(self, value: object) -> runner_pb2.Result:
+        result = _result_of(value)
+        size = result.ByteSize() + EVENT_ROOM
+        if self._max_message_bytes and size > self._max_message_bytes:
+            raise ResultTooLarge("the handler's result", size, self._max_message_bytes)
+        return result
+
+    def _failed(self, delivery: runner_pb2.Delivery, exc: BaseException) -> runner_pb2.Result:
+        where = (delivery.id, delivery.message.tracking_id)
+        if isinstance(exc, HandlerTimeout | NoFreeHandlerThread):
+            stuck = f"; {self.stuck_threads} sync handler thread(s) busy with timed-out calls"
+            logger.error(
+                "%s on delivery %d, tracking_id=%s%s", exc, *where, stuck if self._stuck else ""
+            )
+            return runner_pb2.Result(failure=failure_of(exc))
+        return _failed(delivery, exc)
+
     async def _call(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], is_async: bool, span: _Span
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        is_async: bool,
+        span: _Span,
+        timeout: float = 0.0,
     ) -> Any:
         if is_async:
             span.start = _now()
             try:
-                return await fn(*args)
+                return await _call_async(fn, args, timeout)
             finally:
                 span.end = _now()
-        self._sync_calls += 1
-        try:
-            loop = asyncio.get_running_loop()
-            value = await loop.run_in_executor(self._executor, _call_sync, fn, args, span)
-        finally:
-            self._sync_calls -= 1
+        value = await self._run_in_thread(fn, args, span, timeout)
         if inspect.isawaitable(value):
             # A sync-looking callable that returned a coroutine (a decorator that hid
             # ``async def``): finish it on the loop.
-            value = await value
+            value = await _call_async(lambda: value, (), timeout)
             span.end = _now()
         return value
+
+    async def _run_in_thread(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], span: _Span, timeout: float
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def run() -> Any:
+            _threadsafe(loop, started.set)
+            return _call_sync(fn, args, span)
+
+        # In a copy of this task's context: the delivery's log tags reach the thread too.
+        work = self._executor.submit(contextvars.copy_context().run, run)
+        # Before wrap_future's own callback: the count is right when the await returns.
+        self._sync_calls.add(work)
+        work.add_done_callback(self._sync_calls.discard)
+        done = asyncio.wrap_future(work, loop=loop)
+        if not timeout:
+            return await done
+        try:
+            if not await _wait_event(started, timeout) and work.cancel():
+                raise NoFreeHandlerThread(timeout, self.stuck_threads)
+            finished, _ = await asyncio.wait({done}, timeout=timeout)
+        except asyncio.CancelledError:
+            done.cancel()  # withdraws it from the pool if it has not started
+            raise
+        if not finished:
+            self._hold(work, loop)
+            raise HandlerTimeout(timeout)
+        return done.result()
+
+    def _hold(self, work: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Count a thread held by a timed-out sync handler until the handler returns."""
+        self._stuck.add(work)
+        since = time.monotonic()
+        logger.error(
+            "a sync handler timed out after %gs; Python cannot stop a thread, so it stays "
+            "busy until the handler returns (%d of %s handler thread(s) held)",
+            self.timeout,
+            len(self._stuck),
+            self._threads or "?",
+        )
+        if self._threads is not None and len(self._stuck) >= self._threads:
+            logger.error(
+                "every handler thread (KRT_HANDLER_THREADS=%d) is held by a timed-out handler: "
+                "sync messages wait for a thread and are retried after KRT_HANDLER_TIMEOUT; "
+                "restart the handler host if this lasts",
+                self._threads,
+            )
+
+        def released(_: concurrent.futures.Future[Any]) -> None:
+            self._stuck.discard(work)
+            logger.warning(
+                "a timed-out sync handler returned after %.1fs: its thread is free again",
+                time.monotonic() - since,
+            )
+
+        work.add_done_callback(lambda f: _threadsafe(loop, released, f))
+
+
+async def _call_async(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> Any:
+    if not timeout:
+        return await fn(*args)
+    task = asyncio.ensure_future(fn(*args))
+    try:
+        finished, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if finished:
+        return task.result()
+    # Not awaited: a handler that ignores the cancellation must not hold the Result back.
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    raise HandlerTimeout(timeout)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("a timed-out handler raised after its timeout: %r", task.exception())
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return event.is_set()
+    return True
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: the host is exiting
+        pass
 
 
 def _call_sync(fn: Callable[..., Any], args: tuple[Any, ...], span: _Span) -> Any:

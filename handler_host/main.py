@@ -8,6 +8,10 @@ KRT_SHUTDOWN_GRACE -> server stopped -> services closed -> exit 0.
 Exit codes: 0 after a signal-driven stop; 1 when the host cannot start (handler file
 not found, module raised on import, no handler, init raised, address not bindable);
 2 when the environment is missing or has invalid variables.
+
+With arguments it is a command line instead (``handler_host.cli``): ``kre-handler-host
+call ...`` sends one message to a running host; ``kre-handler-host serve`` is the same
+as no arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
+from handler_host import logs, metrics
 from handler_host.context import Context, ContextServices
 from handler_host.errors import RunnerError, SettingsError
 from handler_host.loader import UserCode, load_user_code
@@ -33,7 +38,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_START_FAILED = 1
 EXIT_BAD_SETTINGS = 2
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = logs.TEXT_FORMAT
 
 
 async def start_host(
@@ -89,6 +94,16 @@ async def serve(settings: HostSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _request_stop, sig, stop)
+    # Up before init(ctx): a long model load can be watched (process memory, init time).
+    metrics_server = _start_metrics(settings)
+    try:
+        await _serve_until(stop, settings)
+    finally:
+        if metrics_server is not None:
+            await metrics_server.close()
+
+
+async def _serve_until(stop: asyncio.Event, settings: HostSettings) -> None:
     starting = asyncio.create_task(_start(settings))
     waiting = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
@@ -104,6 +119,16 @@ async def serve(settings: HostSettings) -> None:
     await host.stop(settings.shutdown_grace)
 
 
+def _start_metrics(settings: HostSettings) -> metrics.MetricsServer | None:
+    metrics.set_info(
+        settings.node_name, settings.workflow_name, settings.version, settings.version_id
+    )
+    if not settings.metrics_port:
+        logger.info("metrics are off (KRT_METRICS_PORT=0)")
+        return None
+    return metrics.MetricsServer.start(settings.metrics_host, settings.metrics_port)
+
+
 async def _start(settings: HostSettings) -> HostServer:
     # The user code first: a wrong handler path fails fast, before any connection.
     user_code = load_user_code(settings.base_path, settings.handler_path)
@@ -116,15 +141,21 @@ def _request_stop(sig: signal.Signals, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def main() -> None:
-    """The ``kre-handler-host`` console script."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+def main(argv: list[str] | None = None) -> None:
+    """The ``kre-handler-host`` console script: serve, or run a subcommand."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args != ["serve"]:
+        from handler_host.cli import main as cli_main
+
+        sys.exit(cli_main(args))
+    log_format, level = logs.format_from_env(os.environ)
+    logs.configure(log_format, level)
     try:
         settings = HostSettings.from_env()
     except SettingsError as exc:
         logger.error("%s", exc)
         _exit(EXIT_BAD_SETTINGS)
-    logging.getLogger().setLevel(settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, node=settings.node_name)
     logger.info("settings: %s", settings.summary())
     try:
         _run(serve(settings))

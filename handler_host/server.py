@@ -23,6 +23,8 @@ from handler_host.context import Context
 from handler_host.dispatch import Dispatcher
 from handler_host.errors import BindError
 from handler_host.loader import UserCode
+from handler_host.logs import with_call_metadata
+from handler_host.metrics import ObservedDispatcher
 from handler_host.process import ProcessStream
 from handler_host.settings import HostSettings
 from protos import runner_pb2, runner_pb2_grpc
@@ -60,6 +62,7 @@ class HandlerHostServicer(runner_pb2_grpc.HandlerHostServicer):
 
         with self._call():
             await self._refuse_when_draining(context)
+            request = with_call_metadata(request, context.invocation_metadata())
             result = await self._dispatcher.dispatch(request, collect)
         return runner_pb2.HandleReply(early_replies=early_replies, result=result)
 
@@ -193,7 +196,14 @@ async def start_server(settings: HostSettings, user_code: UserCode, context: Con
     executor = ThreadPoolExecutor(
         max_workers=settings.handler_threads, thread_name_prefix=USER_THREAD_PREFIX
     )
-    dispatcher = Dispatcher(user_code, context, executor)
+    dispatcher = ObservedDispatcher(
+        user_code,
+        context,
+        executor,
+        timeout=settings.handler_timeout,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        threads=settings.handler_threads,
+    )
     servicer = HandlerHostServicer(dispatcher)
     health = health_aio.HealthServicer()
     for service in HEALTH_SERVICES:

@@ -14,6 +14,7 @@ from handler_host.errors import SettingsError
 
 DEFAULT_ADDRESS = "unix:///var/run/kre/handler.sock"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_METRICS_PORT = 9090
 REQUIRED = ("KRT_BASE_PATH", "KRT_HANDLER_PATH")
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -37,7 +38,13 @@ class HostSettings:
     handler_threads: int = 1
     grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     shutdown_grace: float = 20.0
+    handler_timeout: float = 0.0  # seconds per message; 0: no limit
     log_level: str = "INFO"
+    log_format: str = "text"  # KRT_LOG_FORMAT: text or json
+    # /metrics over HTTP. Built in code (tests, handler_host.testing) it is off (port 0);
+    # from the environment KRT_METRICS_PORT defaults to DEFAULT_METRICS_PORT.
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0
     # Raw strings for the data services (handler_host.services builds the clients).
     mongo_uri: str | None = None
     influx_uri: str | None = None
@@ -76,8 +83,16 @@ class HostSettings:
             shutdown_grace=reader.parse(
                 "KRT_SHUTDOWN_GRACE", 20.0, _non_negative_float, "seconds, a number >= 0"
             ),
+            handler_timeout=reader.parse(
+                "KRT_HANDLER_TIMEOUT", 0.0, _non_negative_float, "seconds, a number >= 0 (0: none)"
+            ),
             log_level=reader.parse(
                 "KRT_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL"
+            ),
+            log_format=reader.parse("KRT_LOG_FORMAT", "text", _log_format, "text or json"),
+            metrics_host=reader.text("KRT_METRICS_HOST", "0.0.0.0"),
+            metrics_port=reader.parse(
+                "KRT_METRICS_PORT", DEFAULT_METRICS_PORT, _port, "a TCP port, 0 to 65535 (0: off)"
             ),
             mongo_uri=reader.optional("KRT_MONGO_URI"),
             influx_uri=reader.optional("KRT_INFLUX_URI"),
@@ -212,6 +227,20 @@ def _positive_int(raw: str) -> int:
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if not value >= 0:  # also refuses NaN
+        raise ValueError(raw)
+    return value
+
+
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in ("text", "json"):
+        raise ValueError(raw)
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
         raise ValueError(raw)
     return value
 

@@ -229,3 +229,22 @@ async def test_tcp_address_works_too() -> None:
     finally:
         await chan.close()
         await host.stop()
+
+
+async def test_a_host_that_sends_no_result_in_time_counts_as_unreachable(address: str) -> None:
+    async def never(d: runner_pb2.Delivery, emit: Emit) -> None:
+        await asyncio.Event().wait()
+
+    host = await started(address, never)
+    chan = HandlerChannel(address, result_timeout=0.3)
+    await chan.start()
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        with pytest.raises(
+            HandlerUnavailable, match=r"no result from the handler host within 0.3s"
+        ):
+            await chan.call(delivery("x"), no_early_reply)
+        assert chan.in_flight == 0 and chan.ready  # the stream itself stays up
+    finally:
+        await chan.close()
+        await host.stop()

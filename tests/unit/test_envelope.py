@@ -125,6 +125,20 @@ def test_output_too_large_even_when_gzipped_is_refused() -> None:
     with pytest.raises(PayloadTooLargeError) as info:
         envelope.encode(msg, 1024)
     assert info.value.limit == 1024
+    raw = len(msg.SerializeToString())
+    assert info.value.raw_size == raw and info.value.size < raw
+    assert f"output envelope is {raw} bytes, {info.value.size} bytes after gzip" in str(info.value)
+
+
+def test_a_hard_limit_below_the_gzip_threshold_gzips_and_refuses() -> None:
+    msg = request()
+    msg.payload.CopyFrom(packed("z" * 4096))
+    size = len(msg.SerializeToString())
+    # Under the KRE threshold but over the limit: gzip makes it fit.
+    assert envelope.is_compressed(envelope.encode(msg, MIB, limit=size - 1))
+    msg.payload.CopyFrom(packed(os.urandom(4096).hex()))
+    with pytest.raises(PayloadTooLargeError):
+        envelope.encode(msg, MIB, limit=1024)
 
 
 def test_gzipped_input_from_kre_is_decoded() -> None:

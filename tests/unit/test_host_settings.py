@@ -170,3 +170,10 @@ def test_settings_are_frozen() -> None:
     settings = HostSettings.from_env(REQUIRED)
     with pytest.raises(AttributeError):
         settings.node_name = "other"  # type: ignore[misc]
+
+
+def test_handler_timeout() -> None:
+    assert HostSettings.from_env(REQUIRED).handler_timeout == 0.0
+    assert HostSettings.from_env({**REQUIRED, "KRT_HANDLER_TIMEOUT": "2.5"}).handler_timeout == 2.5
+    with pytest.raises(SettingsError, match="KRT_HANDLER_TIMEOUT"):
+        HostSettings.from_env({**REQUIRED, "KRT_HANDLER_TIMEOUT": "soon"})

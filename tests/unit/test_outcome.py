@@ -11,10 +11,13 @@ from google.protobuf import any_pb2, wrappers_pb2
 
 from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar.outcome import (
+    HEADER_ROOM,
     MAX_NAK_DELAY,
     Ack,
     BadInput,
     DeadLetterAndTerm,
+    DeadLetterFailed,
+    Exhausted,
     Facts,
     Nak,
     Policy,
@@ -24,6 +27,7 @@ from sidecar.outcome import (
     Raised,
     Returned,
     Unavailable,
+    UpstreamError,
     decide,
 )
 from sidecar.settings import SidecarSettings
@@ -231,4 +235,78 @@ def test_policy_from_settings_sends_errors_where_the_output_goes() -> None:
         max_payload_bytes=2048,
     )
     policy = Policy.from_settings(settings)
-    assert policy == Policy("n", "out", "out", True, 3, 0.5, 2048)
+    assert policy == Policy("n", "out", "out", True, 3, 0.5, 2048, "out.dlq")
+
+
+def test_policy_from_settings_keeps_room_under_the_server_max_payload() -> None:
+    settings = SidecarSettings(
+        node_name="n",
+        nats_servers=("s",),
+        nats_inputs=("i",),
+        nats_stream="S",
+        nats_output="out",
+        dlq_subject="dead",
+        max_payload_bytes=1024 * 1024,
+    )
+    assert Policy.from_settings(settings).publish_limit is None
+    policy = Policy.from_settings(settings, server_max_payload=1024 * 1024)
+    assert policy.publish_limit == 1024 * 1024 - HEADER_ROOM
+    assert policy.dlq_subject == "dead"
+    assert Policy.from_settings(settings, 8 * 1024 * 1024).publish_limit == 1024 * 1024
+
+
+def test_output_over_the_publish_limit_is_an_error_envelope_with_the_sizes() -> None:
+    policy = Policy("node-b", "out", "err", max_payload_bytes=1024, publish_limit=512)
+    action = decide(returned(os.urandom(4096).hex()), facts(), policy)
+    assert isinstance(action, PublishErrorThenAck)
+    assert "bytes after gzip, over the 512 byte limit" in action.envelope.error
+    assert "output envelope is 8" in action.envelope.error  # the size before gzip, too
+
+
+def test_dead_letters_name_the_dead_letter_subject() -> None:
+    action = decide(BadInput("empty"), Facts(None, 1), POLICY)
+    assert isinstance(action, DeadLetterAndTerm)
+    assert action.dlq_subject == "out.dlq"  # the default: <output>.dlq
+    policy = Policy("n", "out", "err", dlq_subject="dlq.n")
+    action = decide(Raised("busy", retryable=True), facts(attempt=5), policy)
+    assert isinstance(action, DeadLetterAndTerm) and action.dlq_subject == "dlq.n"
+
+
+def test_last_node_dead_letter_of_a_replied_message_still_goes_to_the_dlq() -> None:
+    action = decide(BadInput("x"), facts(replied=True), LAST)
+    assert isinstance(action, DeadLetterAndTerm)
+    assert action.envelope is None and action.dlq_subject == "entry.dlq"
+
+
+@pytest.mark.parametrize("attempt", [6, 9])
+def test_delivered_past_max_deliver_is_only_dead_lettered(attempt: int) -> None:
+    action = decide(Exhausted(), facts(attempt), POLICY)
+    assert isinstance(action, DeadLetterAndTerm)
+    assert action.envelope is not None
+    assert action.envelope.error == (
+        f"error in 'node-b': gave up after {attempt} deliveries (KRT_MAX_DELIVER=5)"
+    )
+
+
+@pytest.mark.parametrize("attempt", [1, 5, 12])
+def test_a_dead_letter_that_was_not_published_is_nacked_never_termed(attempt: int) -> None:
+    action = decide(DeadLetterFailed("no responders"), facts(attempt), POLICY)
+    assert isinstance(action, Nak)
+    assert action.delay == POLICY.backoff(attempt)
+    assert "dead letter not published: no responders" in action.reason
+    assert action.outcome == "dead_letter_retried"
+
+
+def test_an_earlier_nodes_error_travels_on_as_it_is() -> None:
+    upstream = KreNatsMessage(tracking_id="t-1", error="error in 'node-a': boom", reply="r")
+    upstream.tracking.add(node_name="entrypoint", start="s", end="e")
+    action = decide(UpstreamError(), Facts(upstream, 1), POLICY)
+    assert isinstance(action, PublishErrorThenAck)
+    assert action.subject == "err" and action.outcome == "error_forwarded"
+    assert KreNatsMessage.FromString(action.data) == upstream  # untouched, no tracking added
+
+
+def test_the_last_node_does_not_forward_an_error_for_a_replied_message() -> None:
+    upstream = KreNatsMessage(tracking_id="t-1", error="error in 'node-a': boom", replied=True)
+    action = decide(UpstreamError(), Facts(upstream, 1), LAST)
+    assert isinstance(action, Ack) and action.outcome == "skipped_replied"

@@ -199,3 +199,21 @@ def test_settings_are_frozen() -> None:
     s = settings()
     with pytest.raises(AttributeError):
         s.node_name = "other"  # type: ignore[misc]
+
+
+def test_dead_letter_subject_defaults_to_the_output_dot_dlq() -> None:
+    assert settings().dlq_subject == "wf.node-b.dlq"
+    assert settings(KRT_NATS_DLQ_SUBJECT="wf.dead").dlq_subject == "wf.dead"
+    last = settings(KRT_NATS_OUTPUT="", KRT_NATS_ENTRYPOINT_SUBJECT="wf.entry")
+    assert last.dlq_subject == "wf.entry.dlq"
+
+
+def test_handler_timeout_and_the_sidecar_safety_net() -> None:
+    assert settings().handler_timeout == 0.0
+    assert settings().result_timeout is None  # no limit: a 10-minute handler is fine
+    s = settings(KRT_HANDLER_TIMEOUT="30")
+    assert s.handler_timeout == 30.0
+    # A sync handler may wait the timeout for a thread, then run the timeout: plus a margin.
+    assert s.result_timeout == 65.0
+    with pytest.raises(SettingsError, match="KRT_HANDLER_TIMEOUT"):
+        settings(KRT_HANDLER_TIMEOUT="-1")

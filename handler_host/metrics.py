@@ -1,0 +1,182 @@
+"""The handler host's Prometheus metrics, and the dispatcher that records them.
+
+The metrics live in their own registry (``REGISTRY``, with the process and GC
+collectors), served over HTTP by ``MetricsServer`` on ``KRT_METRICS_HOST:
+KRT_METRICS_PORT`` (default ``0.0.0.0:9090``; port 0 turns it off). That is a plain
+HTTP port apart from the gRPC socket: it serves ``/metrics`` and nothing else, no user
+code, so binding every interface lets Prometheus scrape the pod IP.
+
+``ObservedDispatcher`` is the ``Dispatcher`` with, around each delivery: its log tags
+made current (``handler_host.logs.bind``), the in-flight gauge, the duration by
+outcome, errors by exception type, early replies counted; and ``init`` timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from google.protobuf import any_pb2
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from handler_host.context import EmitEarly
+from handler_host.dispatch import Dispatcher
+from handler_host.logs import MessageTags, bind
+from protos import runner_pb2
+
+logger = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+# The outcomes of a delivery, as the ``outcome`` label spells them.
+PAYLOAD, NONE, FAILURE, RETRYABLE = "payload", "none", "failure", "retryable"
+
+HANDLER_SECONDS = Histogram(
+    "kre_handler_host_handler_seconds",
+    "Time spent in handler(ctx, data) per delivery, by outcome (payload, none, failure, "
+    "retryable).",
+    ["outcome"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "kre_handler_host_errors",
+    "Deliveries whose handler raised, by exception class name.",
+    ["type"],
+    registry=REGISTRY,
+)
+EARLY_REPLIES = Counter(
+    "kre_handler_host_early_replies",
+    "Early replies sent by handlers (await ctx.early_reply(msg)).",
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "kre_handler_host_in_flight",
+    "Deliveries being handled right now (sync ones waiting for a thread included).",
+    registry=REGISTRY,
+)
+INIT_SECONDS = Gauge(
+    "kre_handler_host_init_seconds",
+    "How long init(ctx) took (set once it has returned).",
+    registry=REGISTRY,
+)
+INFO = Info(
+    "kre_handler_host",
+    "The node this handler host runs: node, workflow, version, version_id.",
+    registry=REGISTRY,
+)
+
+
+def outcome_of(result: runner_pb2.Result) -> str:
+    """``payload``, ``none``, ``failure`` or ``retryable``."""
+    kind = result.WhichOneof("outcome")
+    if kind == "payload":
+        return PAYLOAD
+    if kind == "failure":
+        return RETRYABLE if result.failure.retryable else FAILURE
+    return NONE
+
+
+class ObservedDispatcher(Dispatcher):
+    """A Dispatcher whose deliveries are logged with their tags and measured."""
+
+    async def run_init(self) -> None:
+        started = time.perf_counter()
+        await super().run_init()
+        INIT_SECONDS.set(time.perf_counter() - started)
+
+    async def dispatch(
+        self,
+        delivery: runner_pb2.Delivery,
+        emit_early: EmitEarly,
+        *args: Any,
+        **kwargs: Any,
+    ) -> runner_pb2.Result:
+        message = delivery.message
+        tags = MessageTags.of(
+            self.context.node_name, message.tracking_id, delivery.attempt, delivery.headers
+        )
+
+        async def counted_early(payload: any_pb2.Any) -> None:
+            await emit_early(payload)
+            EARLY_REPLIES.inc()
+
+        IN_FLIGHT.inc()
+        try:
+            with bind(tags):
+                result = await super().dispatch(delivery, counted_early, *args, **kwargs)
+                _observe(result)
+        finally:
+            IN_FLIGHT.dec()
+        return result
+
+
+def _observe(result: runner_pb2.Result) -> None:
+    outcome = outcome_of(result)
+    seconds = 0.0
+    if result.HasField("start") and result.HasField("end"):
+        span = result.end.ToNanoseconds() - result.start.ToNanoseconds()
+        seconds = max(0.0, span / 1e9)
+    HANDLER_SECONDS.labels(outcome).observe(seconds)
+    if outcome in (FAILURE, RETRYABLE):
+        ERRORS.labels(result.failure.type).inc()
+    logger.debug("handled in %.1f ms: %s", seconds * 1000, outcome)
+
+
+def set_info(node: str, workflow: str, version: str, version_id: str) -> None:
+    INFO.info({"node": node, "workflow": workflow, "version": version, "version_id": version_id})
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP in a daemon thread (prometheus_client's own server)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self._server, self._thread = start_http_server(port, host, registry=REGISTRY)
+        self.port: int = self._server.server_port  # the bound port when given 0
+
+    @classmethod
+    def start(cls, host: str, port: int) -> MetricsServer | None:
+        """Serve the metrics; None (after an error line) when the port cannot be bound.
+
+        Metrics are for watching the node, not for running it: a port in use does not
+        stop the handler host.
+        """
+        try:
+            server = cls(host, port)
+        except OSError as exc:
+            logger.error(
+                "metrics are off: cannot listen on %s:%d (KRT_METRICS_HOST, KRT_METRICS_PORT): %s",
+                host,
+                port,
+                exc,
+            )
+            return None
+        logger.info("metrics on http://%s:%d/metrics", host, server.port)
+        return server
+
+    async def close(self) -> None:
+        """Stop serving (``shutdown`` waits for the serve loop: off the event loop)."""
+        await asyncio.to_thread(self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
