@@ -188,6 +188,7 @@ class Context:
         workflow_name: str = "",
         version_id: str = "",
         version: str = "",
+        is_last_node: bool = False,
         services: ContextServices | None = None,
     ) -> None:
         self.base_path = os.path.abspath(base_path)
@@ -195,6 +196,7 @@ class Context:
         self.workflow_name = workflow_name
         self.version_id = version_id
         self.version = version
+        self.is_last_node = is_last_node
         self.services = services
         self.logger = ContextLogger(logging.getLogger(USER_LOGGER), {"kre_node": node_name})
         self._values: dict[str, Any] = {}
@@ -209,6 +211,7 @@ class Context:
             workflow_name=settings.workflow_name,
             version_id=settings.version_id,
             version=settings.version,
+            is_last_node=settings.is_last_node,
             services=services,
         )
 

@@ -35,6 +35,7 @@ from prometheus_client import (
 from handler_host.context import EmitEarly
 from handler_host.dispatch import Dispatcher
 from handler_host.logs import MessageTags, bind
+from handler_host.timing import record_timing
 from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class ObservedDispatcher(Dispatcher):
             with bind(tags):
                 result = await super().dispatch(delivery, counted_early, *args, **kwargs)
                 _observe(result)
+                record_timing(
+                    self.context.services, delivery, result, self.context.is_last_node
+                )
         finally:
             IN_FLIGHT.dec()
         return result

@@ -33,6 +33,7 @@ class HostSettings:
     workflow_name: str = ""
     version_id: str = ""
     version: str = ""
+    is_last_node: bool = False  # KRT_IS_LAST_NODE: also write workflow_elapsed_time
     handler_address: str = DEFAULT_ADDRESS
     allow_public: bool = False
     handler_threads: int = 1
@@ -69,6 +70,7 @@ class HostSettings:
             workflow_name=reader.text("KRT_WORKFLOW_NAME", ""),
             version_id=reader.text("KRT_VERSION_ID", ""),
             version=reader.text("KRT_VERSION", ""),
+            is_last_node=reader.parse("KRT_IS_LAST_NODE", False, _parse_bool, "true or false"),
             handler_address=address,
             allow_public=allow_public,
             handler_threads=reader.parse(

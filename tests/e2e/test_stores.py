@@ -77,7 +77,9 @@ async def test_recorder_writes_documents_predictions_and_points(
     mongo_server: MongoServer,
     influx_server: InfluxServer,
 ):
-    config = recorder(nats_server, recorder_stream, mongo_server.uri, influx_server.uri)
+    config = recorder(
+        nats_server, recorder_stream, mongo_server.uri, influx_server.uri, KRT_IS_LAST_NODE="true"
+    )
     requests = greetings(20)
 
     replies = await run_node(js, make_node, config, requests)
@@ -99,6 +101,20 @@ async def test_recorder_writes_documents_predictions_and_points(
     series = influx_server.wait_for_series(match, samples=20, timeout=15)
     assert [s.labels["language"] for s in series] == ["en"]
     assert sorted(series[0].values) == sorted(float(len(f"Hello, n{i}!")) for i in range(20))
+    # KRE's per-message timing: this node's, and the whole workflow's on the last node
+    version = f'version="{config.version}"'
+    elapsed = influx_server.wait_for_series(
+        f'{{__name__="node_elapsed_time_elapsed_ms",{version}}}', samples=20, timeout=15
+    )
+    assert elapsed[0].labels == {"workflow": "demo", "version": config.version, "node": "recorder"}
+    assert all(0 <= ms < 10_000 for ms in elapsed[0].values)
+    waiting = influx_server.wait_for_series(
+        f'{{__name__="node_elapsed_time_waiting_ms",{version}}}', samples=20, timeout=15
+    )
+    assert all(ms >= 0 for ms in waiting[0].values)
+    influx_server.wait_for_series(
+        f'{{__name__="workflow_elapsed_time_elapsed_ms",{version}}}', samples=20, timeout=15
+    )
 
 
 async def test_mongo_down_gives_error_envelopes_within_the_timeout(

@@ -1,0 +1,50 @@
+"""Per-message timing, written to InfluxDB as KRE's runner wrote it.
+
+``node_elapsed_time`` (tags workflow, version, node; fields tracking_id, node_from,
+elapsed_ms, waiting_ms) for every message, and ``workflow_elapsed_time`` on the last
+node. ``waiting_ms`` is the time between the previous node's end (the input's last
+tracking entry) and this handler's start. Nothing is written without KRT_INFLUX_URI.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from protos import runner_pb2
+
+logger = logging.getLogger(__name__)
+
+
+def parse_stamp(value: str) -> datetime | None:
+    """An RFC 3339 / ISO-8601 tracking time as an aware UTC datetime, or None."""
+    if not value:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
+
+
+def record_timing(
+    services: Any, delivery: runner_pb2.Delivery, result: runner_pb2.Result, last_node: bool
+) -> None:
+    """Record the message's timing; never raises into the message's handling."""
+    record = getattr(services, "record_node_elapsed", None)
+    if record is None or not (result.HasField("start") and result.HasField("end")):
+        return
+    tracking = delivery.message.tracking
+    previous = tracking[-1] if tracking else None
+    try:
+        record(
+            tracking_id=delivery.message.tracking_id,
+            node_from=previous.node_name if previous else "",
+            start=result.start.ToDatetime(tzinfo=UTC),
+            end=result.end.ToDatetime(tzinfo=UTC),
+            previous_end=parse_stamp(previous.end) if previous else None,
+            workflow_start=parse_stamp(tracking[0].start) if last_node and tracking else None,
+        )
+    except Exception:  # a measurement must never fail a message
+        logger.exception("could not record the message's timing")
