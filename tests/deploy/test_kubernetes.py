@@ -140,11 +140,21 @@ def test_cpu_overlay_has_no_gpu(rendered) -> None:
     assert containers(rendered["cpu"])["handler-host"]["resources"]["limits"]["memory"]
 
 
+# Credentials come from the optional Secret kre-node-secrets, never from the ConfigMap.
+SECRET_VARS = {"KRT_INFLUX_TOKEN"}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_config_map_has_every_readme_variable(rendered, target: str, env_table) -> None:
     data = config(rendered[target])
-    missing = [name for name in env_table if name not in data]
+    missing = [name for name in env_table if name not in data and name not in SECRET_VARS]
     assert not missing, f"ConfigMap lacks {missing}"
+    leaked = [name for name in SECRET_VARS if name in data]
+    assert not leaked, (
+        f"credentials belong in the Secret kre-node-secrets, not the ConfigMap: {leaked}"
+    )
+    host_sources = containers(rendered[target])["handler-host"]["envFrom"]
+    assert {"secretRef": {"name": "kre-node-secrets", "optional": True}} in host_sources
     assert all(isinstance(value, str) for value in data.values())
     name = one(rendered[target], "ConfigMap")["metadata"]["name"]
     for container in containers(rendered[target]).values():
