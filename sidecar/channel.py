@@ -49,9 +49,16 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class HandlerChannel:
     """The connection to the handler host. `start()` it, `call()` it, `close()` it."""
 
-    def __init__(self, address: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        result_timeout: float | None = None,
+    ) -> None:
         self.address = address
         self._max_message_bytes = max_message_bytes
+        # The safety net behind the host's own KRT_HANDLER_TIMEOUT; None: wait forever.
+        self._result_timeout = result_timeout
         self._channel: grpc.aio.Channel | None = None
         self._serving = asyncio.Event()
         self._ready = asyncio.Event()
@@ -111,7 +118,8 @@ class HandlerChannel:
         """Run one delivery through the handler; raise HandlerUnavailable if the host is gone.
 
         Sets `delivery.id`. Early replies are awaited through `on_early_reply`, in the
-        order the handler sent them, before the Result is returned.
+        order the handler sent them, before the Result is returned. With a result
+        timeout, a host that sends no Result in time counts as unreachable.
         """
         requests = self._requests
         if requests is None:
@@ -121,13 +129,21 @@ class HandlerChannel:
         self._pending[delivery.id] = events
         requests.put_nowait(delivery)
         try:
-            while True:
-                item = await events.get()
-                if isinstance(item, HandlerUnavailable):
-                    raise HandlerUnavailable(item.reason)  # one instance per caller
-                if item.WhichOneof("kind") == "result":
-                    return item.result
-                await on_early_reply(item.early_reply)
+            async with asyncio.timeout(self._result_timeout) as deadline:
+                return await _result(events, on_early_reply)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            log.warning(
+                "no Result for delivery %d (stream seq %d) within %.0fs: the handler host "
+                "does not answer (see KRT_HANDLER_TIMEOUT)",
+                delivery.id,
+                delivery.stream_sequence,
+                self._result_timeout,
+            )
+            raise HandlerUnavailable(
+                f"no result from the handler host within {self._result_timeout:g}s"
+            ) from None
         finally:
             self._pending.pop(delivery.id, None)
 
@@ -236,6 +252,18 @@ class HandlerChannel:
         error = HandlerUnavailable(why)
         for events in self._pending.values():
             events.put_nowait(error)
+
+
+async def _result(
+    events: asyncio.Queue[_Item], on_early_reply: EarlyReplyCallback
+) -> runner_pb2.Result:
+    while True:
+        item = await events.get()
+        if isinstance(item, HandlerUnavailable):
+            raise HandlerUnavailable(item.reason)  # one instance per caller
+        if item.WhichOneof("kind") == "result":
+            return item.result
+        await on_early_reply(item.early_reply)
 
 
 async def _drain(

@@ -35,6 +35,10 @@ BIND_RETRY = 3.0  # while the stream is missing
 FETCH_ERROR_PAUSE = 1.0
 # JetStream's own default; several replicas share the durable consumer.
 MIN_MAX_ACK_PENDING = 1000
+# What one fetch may bring at most, counting every message at the server's max_payload:
+# the server must never have to push a burst the sidecar cannot read in time (it would
+# cut the connection as a slow consumer). The window still bounds what is in flight.
+FETCH_MAX_BYTES = 16 * 1024 * 1024
 
 
 class Window:
@@ -66,13 +70,18 @@ class Consumer:
     """Owns the durable pull consumer and every message fetched from it."""
 
     def __init__(
-        self, settings: SidecarSettings, js: JetStreamContext, channel: HandlerChannel
+        self,
+        settings: SidecarSettings,
+        js: JetStreamContext,
+        channel: HandlerChannel,
+        max_payload: int | None = None,
     ) -> None:
         self.settings = settings
         self._js = js
         self._channel = channel
-        self._processor = MessageProcessor(settings, js, channel)
+        self._processor = MessageProcessor(settings, js, channel, max_payload)
         self._window = Window(settings.max_in_flight)
+        self._fetch_cap = max(1, FETCH_MAX_BYTES // max_payload) if max_payload else 1_000_000
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
         self._task: asyncio.Task[None] | None = None
@@ -118,6 +127,17 @@ class Consumer:
     # The loop
 
     async def _run(self) -> None:
+        # Supervised: a bug or an error nobody foresaw in one pass must not leave the
+        # sidecar alive but consuming nothing.
+        while not self._stopping.is_set():
+            try:
+                await self._run_once()
+            except Exception:
+                self.status = "consumer loop failed; restarting"
+                log.exception("the consumer loop failed; restarting it in %ss", BIND_RETRY)
+                await self._unless_stopping(asyncio.sleep(BIND_RETRY))
+
+    async def _run_once(self) -> None:
         sub = await self._bind()
         try:
             await self._consume(sub)
@@ -138,12 +158,14 @@ class Consumer:
             if not slots:
                 break
             self.status = "consuming"
-            msgs = await self._fetch(sub, slots)
+            msgs: list[Msg] | None = []
+            try:
+                msgs = await self._fetch(sub, min(slots, self._fetch_cap))
+            finally:
+                self._window.give_back(slots - len(msgs or []))
             if msgs is None:
-                self._window.give_back(slots)
                 sub = await self._bind(sub)
                 continue
-            self._window.give_back(slots - len(msgs))
             for msg in msgs:
                 self._start(msg)
 
@@ -163,7 +185,13 @@ class Consumer:
         """Up to `batch` messages; [] on a quiet timeout; None when the consumer is gone."""
         try:
             return await sub.fetch(batch, timeout=FETCH_TIMEOUT)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats' own, and the plain one nats-py also raises
+            return []
+        except nats.js.errors.ServiceUnavailableError as exc:
+            # 503: JetStream is shutting down or restarting; the consumer is still there.
+            self.status = f"fetch failed: {describe(exc)}"
+            log.warning("JetStream unavailable (%s); fetching again in %ss", exc, FETCH_ERROR_PAUSE)
+            await asyncio.sleep(FETCH_ERROR_PAUSE)
             return []
         except nats.js.errors.APIError as exc:
             log.error("fetch from consumer %s failed: %s", self.settings.durable, exc)
@@ -209,6 +237,7 @@ class Consumer:
                     stream,
                     durable,
                 )
+                await self._check_subjects()
                 return sub
             await self._unless_stopping(asyncio.sleep(BIND_RETRY))
         return None
@@ -226,6 +255,29 @@ class Consumer:
                 exc.description,
             )
 
+    async def _check_subjects(self) -> None:
+        """Warn once per bind about publish subjects the node's stream does not capture."""
+        settings = self.settings
+        try:
+            info = await self._js.stream_info(settings.nats_stream)
+        except PUBLISH_ERRORS:
+            return
+        captured = info.config.subjects or []
+        wanted = {
+            "KRT_NATS_OUTPUT": settings.nats_output,
+            "KRT_NATS_DLQ_SUBJECT": settings.dlq_subject,
+            "KRT_NATS_ENTRYPOINT_SUBJECT": settings.entrypoint_subject,
+        }
+        for name, subject in wanted.items():
+            if subject and not any(subject_matches(p, subject) for p in captured):
+                log.warning(
+                    "%s=%s is not a subject of stream %s: publishing to it fails (and is "
+                    "retried) unless another stream captures it",
+                    name,
+                    subject,
+                    settings.nats_stream,
+                )
+
     def consumer_config(self) -> ConsumerConfig:
         inputs = list(self.settings.nats_inputs)
         return ConsumerConfig(
@@ -235,7 +287,10 @@ class Consumer:
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.settings.ack_wait,
-            max_deliver=self.settings.max_deliver,
+            # Unlimited: the sidecar counts attempts itself (KRT_MAX_DELIVER) and dead-letters
+            # at the last one. JetStream's own limit would drop a message nak'ed because its
+            # dead letter could not be published.
+            max_deliver=-1,
             max_ack_pending=max(self.settings.max_in_flight, MIN_MAX_ACK_PENDING),
             filter_subject=inputs[0] if len(inputs) == 1 else None,
             filter_subjects=inputs if len(inputs) > 1 else None,
@@ -254,3 +309,14 @@ class Consumer:
         self._in_flight.pop(task, None)
         self._window.give_back()
         metrics.IN_FLIGHT.dec()
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, a final `>` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)

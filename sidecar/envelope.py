@@ -130,15 +130,17 @@ def build_error(
     return error
 
 
-def encode(message: KreNatsMessage, max_payload_bytes: int) -> bytes:
+def encode(message: KreNatsMessage, max_payload_bytes: int, limit: int | None = None) -> bytes:
     """Serialize an envelope; gzip it when over max_payload_bytes, as KRE does.
 
-    Raises PayloadTooLargeError when even the gzipped bytes are over the limit.
+    `limit` (default: max_payload_bytes) is the largest result allowed, gzipped or not;
+    PayloadTooLargeError when the bytes are still over it.
     """
+    limit = max_payload_bytes if limit is None else limit
     data = message.SerializeToString()
-    if len(data) <= max_payload_bytes:
+    if len(data) <= max_payload_bytes and len(data) <= limit:
         return data
     compressed = gzip.compress(data, compresslevel=_COMPRESS_LEVEL)
-    if len(compressed) > max_payload_bytes:
-        raise PayloadTooLargeError(len(compressed), max_payload_bytes)
+    if len(compressed) > limit:
+        raise PayloadTooLargeError(len(compressed), limit, len(data))
     return compressed

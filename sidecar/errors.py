@@ -29,14 +29,19 @@ class BadInputError(RunnerError):
 
 
 class PayloadTooLargeError(RunnerError):
-    """An output envelope is still larger than the limit after gzip (KRE refuses these too)."""
+    """An output envelope is still larger than the limit after gzip (KRE refuses these too).
 
-    def __init__(self, size: int, limit: int) -> None:
+    `size` is what would have been published (gzipped), `raw_size` the serialized envelope
+    before gzip, `limit` the largest message that may be published.
+    """
+
+    def __init__(self, size: int, limit: int, raw_size: int | None = None) -> None:
         self.size = size
         self.limit = limit
+        self.raw_size = size if raw_size is None else raw_size
         super().__init__(
-            f"output envelope is {size} bytes after gzip, over the {limit} byte limit "
-            "(KRT_MAX_PAYLOAD_BYTES)"
+            f"output envelope is {self.raw_size} bytes, {size} bytes after gzip, over the "
+            f"{limit} byte limit (KRT_MAX_PAYLOAD_BYTES, or the NATS server's max_payload)"
         )
 
 

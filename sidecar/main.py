@@ -44,7 +44,9 @@ class Sidecar:
     def __init__(self, settings: SidecarSettings) -> None:
         self.settings = settings
         self.nc: NATS | None = None
-        self.channel = HandlerChannel(settings.handler_address, settings.grpc_max_message_bytes)
+        self.channel = HandlerChannel(
+            settings.handler_address, settings.grpc_max_message_bytes, settings.result_timeout
+        )
         self.http = HealthServer(settings.http_host, settings.http_port, self.alive, self.ready)
         self.consumer: Consumer | None = None
         self._stopped = False
@@ -90,7 +92,9 @@ class Sidecar:
         )
         url = self.nc.connected_url
         log.info("connected to NATS at %s", url.netloc if url else "?")
-        self.consumer = Consumer(self.settings, self.nc.jetstream(), self.channel)
+        self.consumer = Consumer(
+            self.settings, self.nc.jetstream(), self.channel, self.nc.max_payload
+        )
         self.consumer.start()
 
     async def _nats_error(self, exc: Exception) -> None:

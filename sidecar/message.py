@@ -3,6 +3,8 @@
 decode -> Delivery -> handler host (early replies published on the way) -> ask
 `outcome.decide` -> publish and await the PubAck -> ack / nak / term. The consumer
 loop (`sidecar.consumer`) starts one `MessageProcessor.handle` task per message.
+A dead letter publishes the error envelope and the dead-letter message
+(`sidecar.deadletter`) and is terminated only when both have landed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from nats.js import JetStreamContext
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
-from sidecar import envelope, metrics
+from sidecar import deadletter, envelope, metrics
 from sidecar.channel import HandlerChannel
 from sidecar.errors import BadInputError, HandlerUnavailable, PayloadTooLargeError
 from sidecar.outcome import (
@@ -29,6 +31,8 @@ from sidecar.outcome import (
     Action,
     BadInput,
     DeadLetterAndTerm,
+    DeadLetterFailed,
+    Exhausted,
     Facts,
     Happened,
     Nak,
@@ -39,6 +43,7 @@ from sidecar.outcome import (
     Raised,
     Returned,
     Unavailable,
+    UpstreamError,
     decide,
 )
 from sidecar.settings import SidecarSettings
@@ -47,6 +52,8 @@ log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 5.0
 PUBLISH_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
+# A Delivery's id and its framing, on top of the message itself, under the gRPC limit.
+DELIVERY_ROOM = 32
 
 
 @dataclass
@@ -61,12 +68,21 @@ class MessageProcessor:
     """Runs messages through the handler host and settles each one exactly once."""
 
     def __init__(
-        self, settings: SidecarSettings, js: JetStreamContext, channel: HandlerChannel
+        self,
+        settings: SidecarSettings,
+        js: JetStreamContext,
+        channel: HandlerChannel,
+        max_payload: int | None = None,
     ) -> None:
         self.settings = settings
         self._js = js
         self._channel = channel
-        self._policy = Policy.from_settings(settings)
+        self._max_payload = max_payload  # the NATS server's, headers included
+        self._policy = Policy.from_settings(settings, max_payload)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
 
     async def handle(self, record: InFlight) -> None:
         msg = record.msg
@@ -86,7 +102,10 @@ class MessageProcessor:
             request = envelope.decode_input(msg.data, self.settings.max_message_bytes)
         except BadInputError as exc:
             return Facts(None, attempt), BadInput(exc.reason)
-        replies = _EarlyReplies(self, msg, request)
+        if attempt > self.settings.max_deliver:
+            return Facts(request, attempt), Exhausted()
+        if request.error:
+            return Facts(request, attempt), UpstreamError()
         delivery = runner_pb2.Delivery(
             message=request,
             subject=msg.subject,
@@ -94,6 +113,12 @@ class MessageProcessor:
             attempt=attempt,
             headers=_passed_on(msg.headers),
         )
+        size, limit = delivery.ByteSize() + DELIVERY_ROOM, self.settings.grpc_max_message_bytes
+        if size > limit:
+            # Sent anyway it would break the stream that every other message shares.
+            reason = f"message is {size} bytes for the handler host, over the {limit} byte gRPC"
+            return Facts(request, attempt), BadInput(f"{reason} limit (KRT_GRPC_MAX_MESSAGE_BYTES)")
+        replies = _EarlyReplies(self, msg, request)
         started = datetime.now(UTC)
         try:
             with metrics.HANDLER_SECONDS.time():
@@ -105,28 +130,55 @@ class MessageProcessor:
         return Facts(request, attempt, early_replied=replies.sent), happened
 
     async def _settle(self, record: InFlight, action: Action, facts: Facts) -> None:
-        try:
-            await self._publish_for(record.msg, action)
-        except PUBLISH_ERRORS as exc:
-            log.warning("publish for stream seq %d failed: %s", _seq(record.msg), describe(exc))
-            if not isinstance(action, DeadLetterAndTerm):
-                action = decide(PublishFailed(describe(exc)), facts, self._policy)
-                # A dead letter is terminated even when its envelope cannot be published.
-                with contextlib.suppress(*PUBLISH_ERRORS):
-                    await self._publish_for(record.msg, action)
+        action = await self._publish_or_retry(record.msg, action, facts)
         await self._finish(record, action, facts)
 
-    async def _publish_for(self, msg: Msg, action: Action) -> None:
+    async def _publish_or_retry(self, msg: Msg, action: Action, facts: Facts) -> Action:
+        """Publish what `action` says; when that fails, the action to take instead."""
+        try:
+            await self._publish_for(msg, action, facts)
+            return action
+        except PUBLISH_ERRORS as exc:
+            reason = describe(exc)
+            log.warning("publish for stream seq %d failed: %s", _seq(msg), reason)
+        if isinstance(action, DeadLetterAndTerm):
+            return decide(DeadLetterFailed(reason), facts, self._policy)
+        action = decide(PublishFailed(reason), facts, self._policy)
+        if isinstance(action, DeadLetterAndTerm):  # the last attempt: dead-letter it instead
+            return await self._publish_or_retry(msg, action, facts)
+        return action
+
+    async def _publish_for(self, msg: Msg, action: Action, facts: Facts) -> None:
         match action:
             case PublishThenAck(subject=subject, data=data):
                 await self.publish(subject, data, self.msg_id(msg))
                 metrics.PUBLISHED.labels(kind="output").inc()
-            case (
-                PublishErrorThenAck(subject=subject, data=data)
-                | DeadLetterAndTerm(subject=subject, data=data)
-            ) if data:
+            case PublishErrorThenAck(subject=subject, data=data):
                 await self.publish(subject, data, self.msg_id(msg))
                 metrics.PUBLISHED.labels(kind="error").inc()
+            case DeadLetterAndTerm():
+                await self._dead_letter(msg, action, facts)
+
+    async def _dead_letter(self, msg: Msg, action: DeadLetterAndTerm, facts: Facts) -> None:
+        # The dead letter first: while its subject cannot take it (a stream missing it is
+        # the likely cause), nothing at all goes downstream, so a retry that outlasts the
+        # duplicate window cannot repeat the error envelope.
+        letter = deadletter.build(
+            msg,
+            reason=action.reason,
+            node=self.settings.node_name,
+            stream=self.settings.nats_stream,
+            tracking_id=facts.tracking_id,
+            max_payload=self._max_payload,
+        )
+        ack = await self._js.publish(
+            action.dlq_subject, letter.data, timeout=PUBLISH_TIMEOUT, headers=letter.headers
+        )
+        if not ack.duplicate:
+            metrics.PUBLISHED.labels(kind="dead_letter").inc()
+        if action.data:
+            await self.publish(action.subject, action.data, self.msg_id(msg))
+            metrics.PUBLISHED.labels(kind="error").inc()
 
     async def _finish(self, record: InFlight, action: Action, facts: Facts) -> None:
         record.settled = True
@@ -136,11 +188,13 @@ class MessageProcessor:
             match action:
                 case Ack() | PublishThenAck():
                     await msg.ack()
-                case PublishErrorThenAck(envelope=error):
+                case PublishErrorThenAck(envelope=error, outcome=outcome):
+                    what = "forwarded" if outcome == "error_forwarded" else "failed,"
                     log.warning(
-                        "stream seq %d (tracking id %s) failed, error envelope published: %s",
+                        "stream seq %d (tracking id %s) %s error envelope published: %s",
                         seq,
                         facts.tracking_id or "-",
+                        what,
                         error.error,
                     )
                     await msg.ack()
@@ -153,11 +207,13 @@ class MessageProcessor:
                         reason,
                     )
                     await msg.nak(delay=delay)
-                case DeadLetterAndTerm(reason=reason):
+                case DeadLetterAndTerm(reason=reason, dlq_subject=dlq):
                     log.error(
-                        "stream seq %d (tracking id %s) dead-lettered: %s",
+                        "stream seq %d (tracking id %s, attempt %d) dead-lettered to %s: %s",
                         seq,
                         facts.tracking_id or "-",
+                        facts.attempt,
+                        dlq,
                         reason,
                     )
                     await msg.term()
@@ -195,7 +251,9 @@ class _EarlyReplies:
             return
         reply = envelope.build_early_reply(self.request, payload)
         try:
-            data = envelope.encode(reply, settings.max_payload_bytes)
+            data = envelope.encode(
+                reply, settings.max_payload_bytes, self.processor.policy.publish_limit
+            )
             msg_id = self.processor.msg_id(self.msg) + ":early"
             await self.processor.publish(settings.entrypoint_subject, data, msg_id)
         except PayloadTooLargeError as exc:

@@ -7,22 +7,28 @@ that publish fails. Every ending of every message is in this file:
 
 | what happened                          | action                                        |
 |----------------------------------------|-----------------------------------------------|
+| input is an earlier node's error       | PublishErrorThenAck(it, as it is): no handler |
 | handler returned a message             | PublishThenAck(output envelope)               |
 | handler returned None                  | Ack                                           |
 | last node, message already replied     | Ack, nothing published (KRE's rule)           |
-| handler raised                         | PublishErrorThenAck(error envelope)           |
+| handler raised (or timed out)          | PublishErrorThenAck(error envelope)           |
 | output too large even gzipped          | PublishErrorThenAck(error envelope)           |
 | handler raised a retryable error       | Nak(backoff); at the last attempt DeadLetter  |
 | handler host unreachable, stream broke | Nak(backoff); at the last attempt DeadLetter  |
 | publish failed                         | Nak(backoff); at the last attempt DeadLetter  |
-| input cannot be decoded                | DeadLetterAndTerm(error envelope)             |
+| input cannot be decoded or sent        | DeadLetterAndTerm, on the first attempt       |
+| delivered more than KRT_MAX_DELIVER    | DeadLetterAndTerm, the handler not called     |
+| the dead letter could not be published | Nak(backoff): never terminated unpublished    |
 
-Outputs and error envelopes are published to KRT_NATS_OUTPUT (errors travel where the
-output would have gone); early replies go to KRT_NATS_ENTRYPOINT_SUBJECT.
-Backoff is `KRT_NAK_DELAY * 2**(attempt-1)`, capped at MAX_NAK_DELAY. The consumer's
-`max_deliver` is KRT_MAX_DELIVER, so a nak at the last attempt would drop the message
-silently; at that attempt every retryable ending becomes a visible dead letter
-instead: an error envelope is published and the input is terminated.
+A dead letter is: the error envelope on the output subject (unless KRE's last-node rule
+says nothing more goes to the entrypoint), the original input bytes and the reason on
+the dead-letter subject (KRT_NATS_DLQ_SUBJECT), then term. Outputs and error envelopes
+are published to KRT_NATS_OUTPUT (errors travel where the output would have gone);
+early replies go to KRT_NATS_ENTRYPOINT_SUBJECT.
+Backoff is `KRT_NAK_DELAY * 2**(attempt-1)`, capped at MAX_NAK_DELAY. The consumer has
+no `max_deliver` of its own (JetStream would drop a message nak'ed at the last attempt
+silently): the sidecar counts the attempts, and at the last one every retryable ending
+becomes a visible dead letter instead.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from sidecar.errors import PayloadTooLargeError
 from sidecar.settings import SidecarSettings
 
 MAX_NAK_DELAY = 60.0
+# Bytes kept free for the headers of an output under the NATS server's max_payload.
+HEADER_ROOM = 1024
 # An error envelope carries the message, not a novel: long texts are cut.
 MAX_ERROR_CHARS = 16 * 1024
 
@@ -52,6 +60,11 @@ class Returned:
     payload: any_pb2.Any | None
     start: datetime
     end: datetime
+
+
+@dataclass(frozen=True)
+class UpstreamError:
+    """The input is an error envelope from an earlier node: the handler is not called."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,29 @@ class PublishFailed:
     reason: str
 
 
-Happened = Returned | Raised | Unavailable | BadInput | PublishFailed
+@dataclass(frozen=True)
+class Exhausted:
+    """Delivered more than KRT_MAX_DELIVER times: an earlier attempt ended without an
+    outcome (its dead letter failed, or its sidecar stopped), so only dead-letter it."""
+
+
+@dataclass(frozen=True)
+class DeadLetterFailed:
+    """Publishing a dead letter (error envelope or dead-letter subject) failed."""
+
+    reason: str
+
+
+Happened = (
+    Returned
+    | UpstreamError
+    | Raised
+    | Unavailable
+    | BadInput
+    | PublishFailed
+    | Exhausted
+    | DeadLetterFailed
+)
 
 
 # The facts about the message and the policy that the decision depends on.
@@ -114,9 +149,19 @@ class Policy:
     max_deliver: int = 5
     nak_delay: float = 1.0
     max_payload_bytes: int = 1024 * 1024
+    dlq_subject: str = ""
+    # The largest envelope that may be published; None: max_payload_bytes.
+    publish_limit: int | None = None
 
     @classmethod
-    def from_settings(cls, settings: SidecarSettings) -> Policy:
+    def from_settings(
+        cls, settings: SidecarSettings, server_max_payload: int | None = None
+    ) -> Policy:
+        limit = None
+        if server_max_payload:
+            # The server refuses (and disconnects) a message whose headers and data are over
+            # its max_payload: keep room for the Nats-Msg-Id header.
+            limit = min(settings.max_payload_bytes, server_max_payload - HEADER_ROOM)
         return cls(
             node_name=settings.node_name,
             output_subject=settings.nats_output,
@@ -127,6 +172,8 @@ class Policy:
             max_deliver=settings.max_deliver,
             nak_delay=settings.nak_delay,
             max_payload_bytes=settings.max_payload_bytes,
+            dlq_subject=settings.dlq_subject or f"{settings.nats_output}.dlq",
+            publish_limit=limit,
         )
 
     def backoff(self, attempt: int) -> float:
@@ -167,10 +214,13 @@ class Nak:
 
 @dataclass(frozen=True)
 class DeadLetterAndTerm:
+    """Publish the error envelope (if any), the input to `dlq_subject`, then term."""
+
     reason: str
     subject: str = ""
-    envelope: KreNatsMessage | None = None  # None: nothing to publish, only term
+    envelope: KreNatsMessage | None = None  # None: no error envelope (last node, replied)
     data: bytes = field(default=b"", repr=False)
+    dlq_subject: str = ""
     outcome: str = "dead_lettered"
 
 
@@ -184,17 +234,35 @@ def decide(happened: Happened, facts: Facts, policy: Policy) -> Action:
             return Ack("the handler returned None")
         case Returned():
             return _output(happened, facts, policy)
+        case UpstreamError():
+            return _forward_error(facts, policy)
         case Raised(retryable=False):
             return _error(happened.message, facts, policy)
-        case Raised():
-            return _retry(f"retryable error: {happened.message}", facts, policy)
-        case Unavailable(reason=reason):
-            return _retry(f"handler host unavailable: {reason}", facts, policy)
-        case PublishFailed(reason=reason):
-            return _retry(f"publish failed: {reason}", facts, policy)
+        case Raised() | Unavailable() | PublishFailed():
+            return _retry(_retry_reason(happened), facts, policy)
         case BadInput(reason=reason):
             return _dead_letter(f"bad input: {reason}", facts, policy)
+        case Exhausted():
+            limit = f"KRT_MAX_DELIVER={policy.max_deliver}"
+            return _dead_letter(
+                f"gave up after {facts.attempt} deliveries ({limit})", facts, policy
+            )
+        case DeadLetterFailed(reason=reason):
+            # Never term a message whose dead letter did not land: it comes back and the
+            # dead letter is tried again (Nats-Msg-Id drops whatever part had landed).
+            delay = policy.backoff(facts.attempt)
+            return Nak(delay, f"dead letter not published: {reason}", outcome="dead_letter_retried")
     raise TypeError(f"unknown happening: {happened!r}")
+
+
+def _retry_reason(happened: Raised | Unavailable | PublishFailed) -> str:
+    match happened:
+        case Raised(message=message):
+            return f"retryable error: {message}"
+        case Unavailable(reason=reason):
+            return f"handler host unavailable: {reason}"
+        case PublishFailed(reason=reason):
+            return f"publish failed: {reason}"
 
 
 def _already_replied(facts: Facts, policy: Policy) -> bool:
@@ -213,10 +281,24 @@ def _output(returned: Returned, facts: Facts, policy: Policy) -> Action:
     if facts.early_replied:
         output.replied = True
     try:
-        data = envelope.encode(output, policy.max_payload_bytes)
+        data = envelope.encode(output, policy.max_payload_bytes, policy.publish_limit)
     except PayloadTooLargeError as exc:
         return _error(str(exc), facts, policy)
     return PublishThenAck(policy.output_subject, output, data)
+
+
+def _forward_error(facts: Facts, policy: Policy) -> Action:
+    # An earlier node failed: its error envelope travels on, as it is, to the end of the
+    # workflow, where the entrypoint answers the caller with it.
+    if _already_replied(facts, policy):
+        return Ack("last node, already replied; not forwarding an error", "skipped_replied")
+    assert facts.request is not None
+    error = facts.request
+    try:
+        data = envelope.encode(error, policy.max_payload_bytes, policy.publish_limit)
+    except PayloadTooLargeError as exc:
+        return _error(str(exc), facts, policy)
+    return PublishErrorThenAck(policy.error_subject, error, data, outcome="error_forwarded")
 
 
 def _error(message: str, facts: Facts, policy: Policy) -> Action:
@@ -233,10 +315,13 @@ def _retry(reason: str, facts: Facts, policy: Policy) -> Action:
 
 
 def _dead_letter(reason: str, facts: Facts, policy: Policy) -> DeadLetterAndTerm:
+    dlq = policy.dlq_subject or f"{policy.output_subject}.dlq"
     if _already_replied(facts, policy):
-        return DeadLetterAndTerm(reason)
+        return DeadLetterAndTerm(reason, dlq_subject=dlq)
     error = _error_envelope(reason, facts, policy)
-    return DeadLetterAndTerm(reason, policy.error_subject, error, error.SerializeToString())
+    return DeadLetterAndTerm(
+        reason, policy.error_subject, error, error.SerializeToString(), dlq_subject=dlq
+    )
 
 
 def _error_envelope(message: str, facts: Facts, policy: Policy) -> KreNatsMessage:

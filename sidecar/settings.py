@@ -17,6 +17,8 @@ from sidecar.errors import SettingsError
 
 DEFAULT_HANDLER_ADDRESS = "unix:///var/run/kre/handler.sock"
 MIB = 1024 * 1024
+# Seconds the sidecar waits for a Result beyond what KRT_HANDLER_TIMEOUT allows the host.
+RESULT_TIMEOUT_MARGIN = 5.0
 
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
@@ -30,6 +32,7 @@ class SidecarSettings:
     nats_inputs: tuple[str, ...]
     nats_output: str
     nats_stream: str
+    dlq_subject: str = ""
     workflow_name: str = ""
     version_id: str = ""
     version: str = ""
@@ -46,6 +49,7 @@ class SidecarSettings:
     ack_wait: float = 30.0
     max_deliver: int = 5
     nak_delay: float = 1.0
+    handler_timeout: float = 0.0  # 0: no limit
     shutdown_grace: float = 20.0
     log_level: str = "INFO"
 
@@ -55,12 +59,14 @@ class SidecarSettings:
         reader = _EnvReader(os.environ if env is None else env)
         node_name = reader.required("KRT_NODE_NAME")
         entrypoint = reader.text("KRT_NATS_ENTRYPOINT_SUBJECT")
+        output = reader.output(entrypoint)
         settings = cls(
             node_name=node_name,
             nats_servers=_split(reader.required("KRT_NATS_SERVER")),
             nats_inputs=reader.inputs(),
-            nats_output=reader.output(entrypoint),
+            nats_output=output,
             nats_stream=reader.required("KRT_NATS_STREAM"),
+            dlq_subject=reader.text("KRT_NATS_DLQ_SUBJECT") or (f"{output}.dlq" if output else ""),
             workflow_name=reader.text("KRT_WORKFLOW_NAME"),
             version_id=reader.text("KRT_VERSION_ID"),
             version=reader.text("KRT_VERSION"),
@@ -79,6 +85,7 @@ class SidecarSettings:
             ack_wait=reader.seconds("KRT_ACK_WAIT", 30.0, positive=True),
             max_deliver=reader.integer("KRT_MAX_DELIVER", 5, minimum=1),
             nak_delay=reader.seconds("KRT_NAK_DELAY", 1.0),
+            handler_timeout=reader.seconds("KRT_HANDLER_TIMEOUT", 0.0),
             shutdown_grace=reader.seconds("KRT_SHUTDOWN_GRACE", 20.0),
             log_level=reader.log_level(),
         )
@@ -86,15 +93,30 @@ class SidecarSettings:
             raise SettingsError(reader.problems)
         return settings
 
+    @property
+    def result_timeout(self) -> float | None:
+        """How long the sidecar waits for a Result before it treats the host as unreachable.
+
+        The handler host enforces KRT_HANDLER_TIMEOUT itself: a sync handler may wait up to
+        the timeout for a free thread, then run up to the timeout. This is the safety net
+        behind it, for a host that does not answer at all: twice the timeout plus a margin.
+        None (no limit) when KRT_HANDLER_TIMEOUT is 0.
+        """
+        if not self.handler_timeout:
+            return None
+        return 2 * self.handler_timeout + RESULT_TIMEOUT_MARGIN
+
     def summary(self) -> str:
         """One log line describing the settings. Nothing here is a secret."""
         return (
             f"node={self.node_name} stream={self.nats_stream} "
             f"inputs={','.join(self.nats_inputs)} output={self.nats_output} "
+            f"dlq={self.dlq_subject} "
             f"entrypoint={self.entrypoint_subject or '-'} last_node={self.is_last_node} "
             f"durable={self.durable} handler={self.handler_address} "
             f"max_in_flight={self.max_in_flight} ack_wait={self.ack_wait:g}s "
             f"max_deliver={self.max_deliver} nak_delay={self.nak_delay:g}s "
+            f"handler_timeout={self.handler_timeout:g}s "
             f"grace={self.shutdown_grace:g}s http={self.http_host}:{self.http_port}"
         )
 

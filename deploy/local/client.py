@@ -2,21 +2,27 @@
 
 `Upstream` publishes KRE envelopes to the node's input subject; `Downstream` reads every
 envelope the node wrote to its output subject from the stream itself, so duplicates
-show up (a plain subscription would hide a lost or repeated publish).
+show up (a plain subscription would hide a lost or repeated publish); `DeadLetters`
+reads the node's dead-letter subject the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Self
 
 import nats
+import nats.errors
 from google.protobuf.message import Message
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -91,18 +97,25 @@ class Upstream:
             await asyncio.gather(*pending)
 
 
-class Downstream:
-    """Reads everything written to one subject of the stream, from the first message on."""
+class _StreamReader:
+    """Reads everything written to one subject of the stream, from the first message on.
+
+    An ephemeral pull consumer with no acks; `stored_at` holds each message's JetStream
+    timestamp (epoch seconds), in the order read.
+    """
 
     def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
         self.js = js
         self.stream = stream
         self.subject = subject
-        self.received: list[KreNatsMessage] = []
-        self.received_at: dict[str, float] = {}
+        self.stored_at: list[float] = []
         self._sub: JetStreamContext.PullSubscription | None = None
 
-    async def start(self) -> Downstream:
+    @property
+    def count(self) -> int:
+        return len(self.stored_at)
+
+    async def start(self) -> Self:
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.NONE,
@@ -121,17 +134,43 @@ class Downstream:
         except (TimeoutError, nats.errors.TimeoutError):
             return 0
         for raw in msgs:
-            envelope = KreNatsMessage.FromString(decompress(raw.data))
-            self.received.append(envelope)
-            self.received_at.setdefault(envelope.tracking_id, time.perf_counter())
+            self._take(raw)
+            self.stored_at.append(raw.metadata.timestamp.timestamp())
         return len(msgs)
 
-    async def wait_for(self, count: int, timeout: float) -> list[KreNatsMessage]:
-        """Until `count` envelopes arrived (then a short quiet look for extras) or timeout."""
+    def _take(self, raw: Msg) -> None:
+        raise NotImplementedError
+
+    async def wait_count(self, count: int, timeout: float, batch: int = 512) -> None:
+        """Until `count` messages were read (then a short quiet look for extras) or timeout."""
         deadline = time.monotonic() + timeout
-        while len(self.received) < count and time.monotonic() < deadline:
-            await self.poll()
-        await self.poll(timeout=0.3)  # anything beyond `count` is a duplicate worth seeing
+        while self.count < count and time.monotonic() < deadline:
+            await self.poll(batch)
+        await self.poll(batch, timeout=0.3)  # anything beyond `count` is worth seeing
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+class Downstream(_StreamReader):
+    """The KRE envelopes a node wrote to its output subject, duplicates included."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
+        super().__init__(js, stream, subject)
+        self.received: list[KreNatsMessage] = []
+        self.received_at: dict[str, float] = {}
+
+    def _take(self, raw: Msg) -> None:
+        envelope = KreNatsMessage.FromString(decompress(raw.data))
+        self.received.append(envelope)
+        self.received_at.setdefault(envelope.tracking_id, time.perf_counter())
+
+    async def wait_for(self, count: int, timeout: float, batch: int = 512) -> list[KreNatsMessage]:
+        """Until `count` envelopes arrived (then a short quiet look for extras) or timeout."""
+        await self.wait_count(count, timeout, batch)
         return self.received
 
     def by_tracking_id(self) -> dict[str, KreNatsMessage]:
@@ -141,9 +180,40 @@ class Downstream:
         counts = Counter(m.tracking_id for m in self.received)
         return sum(n - 1 for n in counts.values() if n > 1)
 
-    async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message of a dead-letter subject: the input's bytes and the sidecar's headers."""
+
+    data: bytes
+    headers: dict[str, str]
+
+    @property
+    def reason(self) -> str:
+        return self.headers.get("Kre-Dlq-Reason", "")
+
+    @property
+    def sequence(self) -> int:
+        return int(self.headers.get("Kre-Dlq-Sequence", "0"))
+
+
+class DeadLetters(_StreamReader):
+    """The dead letters a node wrote (`KRT_NATS_DLQ_SUBJECT`, default `<output>.dlq`)."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
+        super().__init__(js, stream, subject)
+        self.received: list[DeadLetter] = []
+
+    def _take(self, raw: Msg) -> None:
+        self.received.append(DeadLetter(raw.data, dict(raw.headers or {})))
+
+    async def wait_for(self, count: int, timeout: float) -> list[DeadLetter]:
+        await self.wait_count(count, timeout)
+        return self.received
+
+    def duplicates(self) -> int:
+        counts = Counter(letter.sequence for letter in self.received)
+        return sum(n - 1 for n in counts.values() if n > 1)
 
 
 def decompress(data: bytes) -> bytes:

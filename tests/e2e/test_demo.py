@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
-def test_demo_prints_replies_and_exits_zero():
+def test_demo_prints_replies_and_store_effects_and_exits_zero():
     done = subprocess.run(
         [sys.executable, "-m", "deploy.local.demo"],
         cwd=ROOT,
@@ -19,8 +19,12 @@ def test_demo_prints_replies_and_exits_zero():
         timeout=150,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
     for name in ("Ada", "Grace", "Linus", "Margaret"):
-        assert f"'Hello, {name}!'" in done.stdout
-    assert "tracking: entrypoint -> greeter" in done.stdout
-    assert "error in 'greeter': Request.name is empty" in done.stdout
-    assert "all requests answered" in done.stdout
+        assert f"'Hello, {name}!'" in out
+    assert out.count("tracking: entrypoint -> greeter -> recorder") == 4
+    # the greeter's error envelope travels to the end of the workflow untouched
+    assert "error   \"error in 'greeter': Request.name is empty" in out
+    assert "MongoDB: 4 documents in 'greetings', 4 in 'classificationMetrics'" in out
+    assert "InfluxDB: 4 points of measurement 'greetings' (language=en,version=v1)" in out
+    assert "all requests answered" in out

@@ -49,6 +49,7 @@ class Node:
         self.input = f"{stream}.in"
         self.output = f"{stream}.out"
         self.entrypoint = f"{stream}.entry"
+        self.dlq = f"{stream}.out.dlq"
         self.env = {
             "KRT_NODE_NAME": NODE,
             "KRT_NATS_SERVER": nats_url,
@@ -93,7 +94,7 @@ def folder() -> Iterator[str]:
 @pytest.fixture
 async def node(nats_server, js, stream_name: str, folder: str) -> AsyncIterator[Node]:  # type: ignore[no-untyped-def]
     n = Node(nats_server.url, stream_name, folder)
-    await ensure_stream(js, stream_name, [n.input, n.output, n.entrypoint])
+    await ensure_stream(js, stream_name, [n.input, n.output, n.entrypoint, n.dlq])
     yield n
     await n.close()
     await js.delete_stream(stream_name)
@@ -144,7 +145,8 @@ async def test_200_messages_give_200_outputs_and_a_settled_consumer(
         assert output.tracking[1].end.endswith("Z")
     info = await settled(js, node)
     assert info.num_redelivered == 0
-    assert info.config.max_deliver == 5 and info.config.ack_wait == 30
+    # KRT_MAX_DELIVER is counted by the sidecar: JetStream's own limit would drop messages.
+    assert info.config.max_deliver == -1 and info.config.ack_wait == 30
 
 
 async def test_raise_none_and_bad_input(js: JetStreamContext, node: Node) -> None:

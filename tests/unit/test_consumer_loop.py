@@ -1,0 +1,112 @@
+"""The consumer loop survives what the NATS client throws at it, and never leaks slots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import nats.js.errors
+import pytest
+
+from sidecar import consumer as consumer_module
+from sidecar.consumer import Consumer
+from sidecar.settings import SidecarSettings
+
+pytestmark = pytest.mark.timeout(20)
+
+SETTINGS = SidecarSettings(
+    node_name="n",
+    nats_servers=("nats://127.0.0.1:1",),
+    nats_inputs=("in",),
+    nats_output="out",
+    nats_stream="S",
+    durable="n",
+    max_in_flight=8,
+)
+
+
+class FakeSub:
+    """A pull subscription whose fetches fail in the given ways, then stay quiet."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = failures
+        self.batches: list[int] = []
+
+    @property
+    def fetches(self) -> int:
+        return len(self.batches)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Any]:
+        self.batches.append(batch)
+        if self.failures:
+            raise self.failures.pop(0)
+        await asyncio.sleep(0.01)
+        return []
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class FakeJs:
+    def __init__(self, sub: FakeSub) -> None:
+        self.sub = sub
+        self.binds = 0
+
+    async def add_consumer(self, stream: str, config: Any) -> None:
+        pass
+
+    async def pull_subscribe_bind(self, durable: str, stream: str) -> FakeSub:
+        self.binds += 1
+        return self.sub
+
+    async def stream_info(self, stream: str) -> Any:
+        return SimpleNamespace(config=SimpleNamespace(subjects=["in", "out", "out.dlq"]))
+
+
+class ReadyChannel:
+    async def wait_ready(self) -> bool:
+        return True
+
+
+async def eventually(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_plain_timeouts_and_unexpected_errors_do_not_stop_consuming(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(consumer_module, "BIND_RETRY", 0.01)
+    # nats-py raises the plain asyncio.TimeoutError from fetch() when its deadline is
+    # used up between its two pull requests (a loaded CPU): it once killed the loop.
+    sub = FakeSub([TimeoutError(), TimeoutError(), RuntimeError("a bug")])
+    js = FakeJs(sub)
+    consumer = Consumer(SETTINGS, js, ReadyChannel())  # type: ignore[arg-type]
+    consumer.start()
+    try:
+        await eventually(lambda: sub.fetches >= 6)
+        assert consumer.alive
+        assert js.binds == 2  # bound again after the unexpected error
+        assert set(sub.batches) == {8}  # every slot given back after each failure
+    finally:
+        await consumer.stop(0)
+
+
+async def test_jetstream_unavailable_is_waited_out_without_binding_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(consumer_module, "FETCH_ERROR_PAUSE", 0.01)
+    # What a restarting server answers a pull request with: the consumer is still there.
+    sub = FakeSub([nats.js.errors.ServiceUnavailableError(), nats.js.errors.NotFoundError()])
+    js = FakeJs(sub)
+    consumer = Consumer(SETTINGS, js, ReadyChannel())  # type: ignore[arg-type]
+    consumer.start()
+    try:
+        await eventually(lambda: sub.fetches >= 4)
+        assert js.binds == 2  # not after the 503; after the 404 (consumer gone), yes
+    finally:
+        await consumer.stop(0)
