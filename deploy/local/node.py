@@ -67,6 +67,7 @@ class NodeConfig:
                 "KRT_HANDLER_ADDRESS": f"unix://{socket_path}",
                 "KRT_HTTP_PORT": str(http_port),
                 "KRT_HTTP_HOST": "127.0.0.1",
+                "KRT_METRICS_PORT": "0",  # several hosts share this machine: no fixed port
             }
         )
         env.update(self.extra)
