@@ -123,9 +123,7 @@ class ObservedDispatcher(Dispatcher):
             with bind(tags):
                 result = await super().dispatch(delivery, counted_early, *args, **kwargs)
                 _observe(result)
-                record_timing(
-                    self.context.services, delivery, result, self.context.is_last_node
-                )
+                record_timing(self.context.services, delivery, result, self.context.is_last_node)
         finally:
             IN_FLIGHT.dec()
         return result

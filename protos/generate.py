@@ -1,7 +1,7 @@
 """Regenerate the checked-in Python code from the .proto sources.
 
-    python -m protos.generate          # write the generated files in place
-    python -m protos.generate --check  # exit 1 when a checked-in file is stale
+python -m protos.generate          # write the generated files in place
+python -m protos.generate --check  # exit 1 when a checked-in file is stale
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ def generate(out_root: Path | None = None) -> list[tuple[Path, Path]]:
     for proto, include, grpc in SOURCES:
         out = include if out_root is None else out_root / include.relative_to(ROOT)
         out.mkdir(parents=True, exist_ok=True)
-        args = ["protoc", f"-I{include}", f"-I{well_known}",
-                f"--python_out={out}", f"--pyi_out={out}"]
+        args = [
+            "protoc",
+            f"-I{include}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+        ]
         if grpc:
             args.append(f"--grpc_python_out={out}")
         if protoc.main([*args, str(include / proto)]) != 0:
