@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo demo-serve test lint protos protos-check deploy-check clean
+.PHONY: venv demo demo-serve test lint protos protos-check deploy-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ protos-check: $(STAMP)
 ## Offline checks of Dockerfiles, Kustomize, Compose and the probe CLI (no Docker, no cluster).
 deploy-check: $(STAMP)
 	$(BIN)/python -m pytest tests/deploy -q
+
+## The benchmark: nats-server, both processes, a bare-loop baseline; one table (about 75 s).
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
