@@ -124,23 +124,34 @@ class HostSettings:
 
 
 def mask_uri(uri: str) -> str:
-    """Hide the password of ``uri`` (``mongodb://user:***@host``) and secret query values."""
+    """Hide the password of ``uri`` (``mongodb://user:***@host``) and secret query values.
+
+    The userinfo is found by the last ``@`` of the whole URI, not by URL parsing: a
+    password with an unescaped ``/``, ``?`` or ``#`` must not slip through.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return "***" if "@" in uri else uri
+    userinfo, at, after = rest.rpartition("@")
+    if at:
+        user = userinfo.split(":", 1)[0]
+        rest = f"{user}:***@{after}" if ":" in userinfo else f"{user}@{after}"
     try:
-        parts = urlsplit(uri)
+        parts = urlsplit(f"{scheme}://{rest}")
     except ValueError:
         return "***"
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, "***" if k.lower().endswith(_SECRET_QUERY_KEYS) else v) for k, v in pairs],
-            safe="*",
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        query = urlencode([(k, "***" if _is_secret_key(k, v) else v) for k, v in pairs], safe="*:@")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def _is_secret_key(key: str, value: str) -> bool:
+    lowered = key.lower()
+    return lowered.endswith(_SECRET_QUERY_KEYS) or (
+        lowered == "authmechanismproperties" and "TOKEN" in value.upper()
+    )
 
 
 def is_loopback_address(address: str) -> bool:

@@ -91,7 +91,10 @@ class Sidecar:
             reconnected_cb=self._nats_reconnected,
         )
         url = self.nc.connected_url
-        log.info("connected to NATS at %s", url.netloc if url else "?")
+        # hostname and port only: the URL's userinfo may hold a password
+        log.info(
+            "connected to NATS at %s:%s", url.hostname if url else "?", url.port if url else "?"
+        )
         self.consumer = Consumer(
             self.settings, self.nc.jetstream(), self.channel, self.nc.max_payload
         )

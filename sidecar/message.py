@@ -93,8 +93,15 @@ class MessageProcessor:
                 # A bug here must not strand the message: it still gets exactly one ending.
                 log.exception("unexpected error processing stream seq %d", _seq(msg))
                 facts, happened = Facts(None, _attempt(msg)), Unavailable(f"sidecar error: {exc!r}")
-            action = decide(happened, facts, self._policy)
-            await self._settle(record, action, facts)
+            try:
+                await self._settle(record, decide(happened, facts, self._policy), facts)
+            except Exception:
+                # Still one ending: a message we could not settle comes back, never strands.
+                log.exception("unexpected error settling stream seq %d", _seq(msg))
+                if not record.settled:
+                    record.settled = True
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=self._policy.backoff(facts.attempt))
 
     async def _process(self, msg: Msg) -> tuple[Facts, Happened]:
         attempt = _attempt(msg)

@@ -20,9 +20,10 @@ MIB = 1024 * 1024
 # Seconds the sidecar waits for a Result beyond what KRT_HANDLER_TIMEOUT allows the host.
 RESULT_TIMEOUT_MARGIN = 5.0
 
-_TRUE = frozenset({"true", "1", "yes"})
-_FALSE = frozenset({"false", "0", "no"})
-_LOG_LEVELS = frozenset({"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"})
+# The same sets as the handler host's: both containers may read one ConfigMap.
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_LOG_LEVELS = frozenset({"CRITICAL", "FATAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET"})
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,27 @@ def test_handler_timeout() -> None:
     assert HostSettings.from_env({**REQUIRED, "KRT_HANDLER_TIMEOUT": "2.5"}).handler_timeout == 2.5
     with pytest.raises(SettingsError, match="KRT_HANDLER_TIMEOUT"):
         HostSettings.from_env({**REQUIRED, "KRT_HANDLER_TIMEOUT": "soon"})
+
+
+@pytest.mark.parametrize(
+    ("uri", "masked"),
+    [
+        ("mongodb://u:pa/ss@h:1/db", "mongodb://u:***@h:1/db"),
+        ("mongodb://u:pa#ss@h", "mongodb://u:***@h"),
+        ("mongodb://u:pa?ss@h/?x=1", "mongodb://u:***@h/?x=1"),
+        ("mongodb://u@h", "mongodb://u@h"),
+        ("mongodb://h:1/db?tls=true", "mongodb://h:1/db?tls=true"),
+        (
+            "mongodb://u:p@h1,h2/db?authSource=admin&password=x",
+            "mongodb://u:***@h1,h2/db?authSource=admin&password=***",
+        ),
+        (
+            "mongodb://u:p@h/?authMechanismProperties=AWS_SESSION_TOKEN:abc",
+            "mongodb://u:***@h/?authMechanismProperties=***",
+        ),
+    ],
+)
+def test_mask_uri_hides_passwords_with_url_delimiters(uri: str, masked: str) -> None:
+    from handler_host.settings import mask_uri
+
+    assert mask_uri(uri) == masked
