@@ -7,13 +7,14 @@ temporary folder removed) when the session ends, failed tests or not.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from deploy.local.influx import InfluxServer
 from deploy.local.mongo import MongoServer
 from deploy.local.nats import NatsServer
+from deploy.local.node import LocalNode, NodeConfig
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +52,29 @@ async def js(nats_server: NatsServer) -> AsyncIterator[object]:
     nc, jetstream = await connect(nats_server.url)
     yield jetstream
     await nc.close()
+
+
+@pytest.fixture
+def make_node(request: pytest.FixtureRequest) -> Iterator[Callable[[NodeConfig], LocalNode]]:
+    """Build local nodes (not started); print their logs when the test failed; stop them."""
+    nodes: list[LocalNode] = []
+
+    def make(config: NodeConfig) -> LocalNode:
+        node = LocalNode(config)
+        nodes.append(node)
+        return node
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for node in nodes:
+        if report is not None and report.failed:
+            print(node.logs(80))
+        node.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Keep each phase's report on the test item, for fixtures that look at the outcome."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

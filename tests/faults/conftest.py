@@ -6,13 +6,13 @@ the end of the session (`pytest_terminal_summary`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from deploy.local.client import ensure_stream
-from deploy.local.node import LocalNode, NodeConfig
+from deploy.local.node import NodeConfig
 from tests.faults.harness import Row
 
 HANDLERS = Path(__file__).parent / "handlers"
@@ -49,31 +49,6 @@ async def stream_for(js: object) -> AsyncIterator[Callable[[NodeConfig], object]
     yield make
     for name in made:
         await js.delete_stream(name)  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def make_node(request: pytest.FixtureRequest) -> Iterator[Callable[[NodeConfig], LocalNode]]:
-    """Build nodes (not started); on failure print their logs; always stop them."""
-    nodes: list[LocalNode] = []
-
-    def make(config: NodeConfig) -> LocalNode:
-        node = LocalNode(config)
-        nodes.append(node)
-        return node
-
-    yield make
-    report = getattr(request.node, "rep_call", None)
-    for node in nodes:
-        if report is not None and report.failed:
-            print(node.logs(60))
-        node.close()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
