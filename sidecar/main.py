@@ -25,6 +25,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from sidecar import logs
 from sidecar.channel import HandlerChannel
 from sidecar.consumer import Consumer
 from sidecar.errors import SettingsError
@@ -160,7 +161,7 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         log.error("%s", exc)
         sys.exit(2)
-    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
+    logs.configure(settings.log_level, settings.log_format, settings.node_name)
     _asyncio_run(run(settings))
 
 

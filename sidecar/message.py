@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
-from sidecar import deadletter, envelope, metrics
+from sidecar import deadletter, envelope, logs, metrics
 from sidecar.channel import HandlerChannel
 from sidecar.errors import BadInputError, HandlerUnavailable, PayloadTooLargeError
 from sidecar.outcome import (
@@ -86,6 +86,7 @@ class MessageProcessor:
 
     async def handle(self, record: InFlight) -> None:
         msg = record.msg
+        logs.bind(_seq(msg), _attempt(msg))
         async with _keep_alive(msg, self.settings.ack_wait / 3):
             try:
                 facts, happened = await self._process(msg)
@@ -105,10 +106,12 @@ class MessageProcessor:
 
     async def _process(self, msg: Msg) -> tuple[Facts, Happened]:
         attempt = _attempt(msg)
+        _count_input(msg.data, attempt)
         try:
             request = envelope.decode_input(msg.data, self.settings.max_message_bytes)
         except BadInputError as exc:
             return Facts(None, attempt), BadInput(exc.reason)
+        logs.tag(tracking_id=request.tracking_id, traceparent=_header(msg, "traceparent"))
         if attempt > self.settings.max_deliver:
             return Facts(request, attempt), Exhausted()
         if request.error:
@@ -229,9 +232,13 @@ class MessageProcessor:
 
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish through JetStream and wait for the PubAck (Nats-Msg-Id dedups retries)."""
-        ack = await self._js.publish(
-            subject, data, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
-        )
+        with metrics.PUBLISH_SECONDS.time():
+            ack = await self._js.publish(
+                subject, data, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
+            )
+        metrics.BYTES.labels(direction="out").inc(len(data))
+        if envelope.is_compressed(data):
+            metrics.COMPRESSIONS.labels(direction="compressed").inc()
         if ack.duplicate:
             log.debug("publish %s was a duplicate: an earlier attempt had landed", msg_id)
 
@@ -308,6 +315,18 @@ def _when(stamp: timestamp_pb2.Timestamp) -> datetime | None:
 def _passed_on(headers: dict[str, str] | None) -> dict[str, str]:
     # JetStream's own headers (Nats-Msg-Id, Nats-Expected-*) mean nothing to the handler.
     return {k: v for k, v in (headers or {}).items() if not k.startswith("Nats-")}
+
+
+def _header(msg: Msg, name: str) -> str:
+    return next((v for k, v in (msg.headers or {}).items() if k.lower() == name), "")
+
+
+def _count_input(data: bytes, attempt: int) -> None:
+    metrics.BYTES.labels(direction="in").inc(len(data))
+    if envelope.is_compressed(data):
+        metrics.COMPRESSIONS.labels(direction="decompressed").inc()
+    if attempt > 1:
+        metrics.REDELIVERIES.inc()
 
 
 def _seq(msg: Msg) -> int:

@@ -21,3 +21,21 @@ PUBLISHED = Counter(
     "Envelopes published to JetStream, by kind (output, error, early_reply).",
     ["kind"],
 )
+PUBLISH_SECONDS = Histogram(
+    "kre_sidecar_publish_seconds",
+    "Time from a JetStream publish to its PubAck.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+REDELIVERIES = Counter(
+    "kre_sidecar_redeliveries", "Input messages fetched again (delivery attempt > 1)."
+)
+BYTES = Counter(
+    "kre_sidecar_bytes",
+    "Message bytes as they travel on NATS: in (fetched inputs), out (published).",
+    ["direction"],
+)
+COMPRESSIONS = Counter(
+    "kre_sidecar_compressions",
+    "Gzipped envelopes: decompressed (inputs) and compressed (outputs over the limit).",
+    ["direction"],
+)

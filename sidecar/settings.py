@@ -53,6 +53,7 @@ class SidecarSettings:
     handler_timeout: float = 0.0  # 0: no limit
     shutdown_grace: float = 20.0
     log_level: str = "INFO"
+    log_format: str = "text"  # KRT_LOG_FORMAT: text or json
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:
@@ -89,6 +90,7 @@ class SidecarSettings:
             handler_timeout=reader.seconds("KRT_HANDLER_TIMEOUT", 0.0),
             shutdown_grace=reader.seconds("KRT_SHUTDOWN_GRACE", 20.0),
             log_level=reader.log_level(),
+            log_format=reader.log_format(),
         )
         if reader.problems:
             raise SettingsError(reader.problems)
@@ -203,6 +205,13 @@ class _EnvReader:
             self.problems.append(f"{name} must be a number of seconds {bound}, got {raw!r}")
             return default
         return value
+
+    def log_format(self) -> str:
+        fmt = self.text("KRT_LOG_FORMAT").lower() or "text"
+        if fmt not in ("text", "json"):
+            self.problems.append(f"KRT_LOG_FORMAT must be text or json, got {fmt!r}")
+            return "text"
+        return fmt
 
     def log_level(self) -> str:
         level = self.text("KRT_LOG_LEVEL").upper() or "INFO"

@@ -320,6 +320,10 @@ async def test_metrics_and_probes(js: JetStreamContext, node: Node) -> None:
     assert status == 200
     assert 'kre_sidecar_messages_total{outcome="published"}' in body
     assert "kre_sidecar_handler_seconds_bucket" in body
+    assert "kre_sidecar_publish_seconds_bucket" in body
+    assert 'kre_sidecar_bytes_total{direction="in"}' in body
+    assert 'kre_sidecar_bytes_total{direction="out"}' in body
+    assert "kre_sidecar_redeliveries_total" in body
     assert (await http_get(sidecar.http_port, "/nope"))[0] == 404
 
 
