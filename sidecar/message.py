@@ -236,9 +236,9 @@ class MessageProcessor:
             ack = await self._js.publish(
                 subject, data, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
             )
-        metrics.BYTES.labels(direction="out").inc(len(data))
+        metrics.BYTES_OUT.inc(len(data))
         if envelope.is_compressed(data):
-            metrics.COMPRESSIONS.labels(direction="compressed").inc()
+            metrics.COMPRESSED.inc()
         if ack.duplicate:
             log.debug("publish %s was a duplicate: an earlier attempt had landed", msg_id)
 
@@ -322,9 +322,9 @@ def _header(msg: Msg, name: str) -> str:
 
 
 def _count_input(data: bytes, attempt: int) -> None:
-    metrics.BYTES.labels(direction="in").inc(len(data))
+    metrics.BYTES_IN.inc(len(data))
     if envelope.is_compressed(data):
-        metrics.COMPRESSIONS.labels(direction="decompressed").inc()
+        metrics.DECOMPRESSED.inc()
     if attempt > 1:
         metrics.REDELIVERIES.inc()
 

@@ -39,3 +39,9 @@ COMPRESSIONS = Counter(
     "Gzipped envelopes: decompressed (inputs) and compressed (outputs over the limit).",
     ["direction"],
 )
+
+# Children bound once: the per-message path does no label lookups for these.
+BYTES_IN = BYTES.labels(direction="in")
+BYTES_OUT = BYTES.labels(direction="out")
+DECOMPRESSED = COMPRESSIONS.labels(direction="decompressed")
+COMPRESSED = COMPRESSIONS.labels(direction="compressed")
