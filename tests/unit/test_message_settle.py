@@ -57,3 +57,16 @@ async def test_a_bug_while_settling_naks_the_message_once(monkeypatch) -> None:
     assert record.settled
     assert [ending for ending, _ in msg.endings] == ["nak"]
     assert msg.endings[0][1] == pytest.approx(processor.policy.backoff(2))
+
+
+async def test_big_payload_work_leaves_the_event_loop() -> None:
+    import threading
+
+    from sidecar.message import OFF_LOOP_BYTES, _off_loop_if_big
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    loop_thread = threading.current_thread().name
+    assert await _off_loop_if_big(OFF_LOOP_BYTES - 1, where) == loop_thread
+    assert await _off_loop_if_big(OFF_LOOP_BYTES, where) != loop_thread
