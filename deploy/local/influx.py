@@ -12,21 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import TracebackType
 
-from deploy.local.procs import free_port, stop_process, wait_until
+from deploy.local.procs import wait_until
+from deploy.local.server import LocalServer
 
 INSTALL_HINT = "apt-get update && apt-get install -y victoria-metrics"
 # Debian installs it here (`dpkg -L victoria-metrics`); KRT_VICTORIA_METRICS overrides.
 DEBIAN_BINARY = "/usr/bin/victoria-metrics"
-_START_ATTEMPTS = 3
 
 
 class VictoriaMetricsNotInstalled(FileNotFoundError):
@@ -80,70 +76,35 @@ def export_series(base_url: str, match: str, timeout: float = 10.0) -> list[Seri
     return sorted(found, key=lambda s: (s.name, sorted(s.labels.items())))
 
 
-class InfluxServer:
+class InfluxServer(LocalServer):
     """``with InfluxServer() as influx:`` starts VictoriaMetrics; ``influx.uri`` takes
-    InfluxDB writes (any bucket, org and token).
+    InfluxDB writes (any bucket, org and token)."""
 
-    ``stop()`` then ``start()`` brings it back on the same port with the same data;
-    ``close()`` (or leaving the ``with``) stops it and removes its temporary folder.
-    """
+    name = "victoria-metrics"
 
     def __init__(self) -> None:
         self._binary = find_victoria_metrics()
-        self._tmp = tempfile.TemporaryDirectory(prefix="kre-influx-")
-        base = Path(self._tmp.name)
-        self.data_dir = base / "data"
-        self.log_path = base / "victoria-metrics.log"
-        self.port = -1
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__()
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> InfluxServer:
-        """Start and wait until ``/health`` answers OK; a new port is tried if one was taken."""
-        fixed_port = self.port != -1
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            if not fixed_port:
-                self.port = free_port()
-            self._spawn()
-            try:
-                wait_until(self._healthy, timeout, "victoria-metrics answers /health", self.proc)
-                return self
-            except TimeoutError:
-                self.stop()
-                raise
-            except RuntimeError:  # exited early: most likely the port was taken
-                self.proc = None
-                if fixed_port or attempt == _START_ATTEMPTS:
-                    raise RuntimeError(self._exit_message()) from None
-        raise AssertionError("unreachable")
-
-    def _spawn(self) -> None:
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             self._binary,
             f"-httpListenAddr=127.0.0.1:{self.port}",
             f"-storageDataPath={self.data_dir}",
             "-retentionPeriod=100y",  # tests write points with old timestamps
             "-loggerLevel=WARN",
         ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
-    def _healthy(self) -> bool:
+    def answers(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.uri}/health", timeout=0.5) as resp:
                 return bool(resp.status == 200)
         except (OSError, urllib.error.URLError):
             return False
-
-    def _exit_message(self) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            tail = ""
-        return f"victoria-metrics exited before answering on 127.0.0.1:{self.port}:\n{tail}"
 
     def export(self, match: str) -> list[Series]:
         """``export_series`` on this server: what is readable right now."""
@@ -166,27 +127,3 @@ class InfluxServer:
         what = f"{count} series with {samples} samples match {match}"
         wait_until(enough, timeout, what, self.proc, interval=0.05)
         return found
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server by its PID (SIGTERM, then SIGKILL after ``timeout``)."""
-        stop_process(self.proc, timeout)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> InfluxServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
