@@ -1,9 +1,13 @@
-"""One ``Process`` call: many deliveries in flight on one bidirectional stream.
+"""One ``Process`` or ``ProcessBatch`` call: many deliveries in flight on one stream.
 
-A reader task takes Deliveries off the request stream and starts one task per
-delivery. Each task puts its early-reply Events and then its one Result Event on a
-queue; the call's own task writes the queue to the response stream, so events of one
-delivery keep their order while deliveries interleave.
+A reader task takes Deliveries off the request stream (one per message, or every
+Delivery of a DeliveryBatch) and starts one task per delivery. Each task queues its
+early-reply Events and then its one Result Event; the call's own task writes the
+queue to the response stream, so events of one delivery keep their order while
+deliveries interleave. On a ``ProcessBatch`` call, every event queued by the time the
+writer gets to run goes out in one EventBatch (at most ``BATCH_BYTES``, unless one
+event alone is bigger): under load, one stream message carries many results; a quiet
+stream sends batches of one.
 
 The stream ends (status OK) when the client has closed its side, or shutdown has
 begun, and every delivery started has had its Result written. Deliveries that arrive
@@ -14,8 +18,9 @@ as unanswered (nak, redelivered later).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -26,10 +31,36 @@ from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
 
+# An EventBatch stops taking events at this size; far below any gRPC message limit.
+BATCH_BYTES = 4 * 1024 * 1024
+# An Event's delivery id and framing, on top of its payload.
+EVENT_ROOM = 16
 
-@dataclass(frozen=True)
-class _Wake:
-    """Queue marker: re-check whether the stream is finished."""
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """One Event to write: an early reply or the Result of a delivery."""
+
+    delivery_id: int
+    early_reply: any_pb2.Any | None = None
+    result: runner_pb2.Result | None = None
+
+    def event(self) -> runner_pb2.Event:
+        if self.result is not None:
+            return runner_pb2.Event(delivery_id=self.delivery_id, result=self.result)
+        return runner_pb2.Event(delivery_id=self.delivery_id, early_reply=self.early_reply)
+
+    def size(self) -> int:
+        body = self.result if self.result is not None else self.early_reply
+        return EVENT_ROOM + (body.ByteSize() if body is not None else 0)
+
+    def add_to(self, batch: runner_pb2.EventBatch) -> None:
+        # Built in place: appending a finished Event would copy it (payload included).
+        event = batch.events.add(delivery_id=self.delivery_id)
+        if self.result is not None:
+            event.result.CopyFrom(self.result)
+        elif self.early_reply is not None:
+            event.early_reply.CopyFrom(self.early_reply)
 
 
 @dataclass(frozen=True)
@@ -40,58 +71,93 @@ class _Abort:
     details: str
 
 
-_WAKE = _Wake()
+_Item = _Reply | _Abort | BaseException
+_Request = runner_pb2.Delivery | runner_pb2.DeliveryBatch
 
 
 class ProcessStream:
-    """The state of one Process call; ``run`` returns when the call is done."""
+    """The state of one Process (or ProcessBatch) call; ``run`` returns when it is done."""
 
-    def __init__(self, dispatcher: Dispatcher, context: grpc.aio.ServicerContext) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        context: grpc.aio.ServicerContext,
+        *,
+        batched: bool = False,
+    ) -> None:
         self._dispatcher = dispatcher
         self._context = context
-        self._queue: asyncio.Queue[runner_pb2.Event | _Wake | _Abort | BaseException] = (
-            asyncio.Queue()
-        )
+        self._batched = batched
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._client_done = False
         self._draining = False
         self._deliveries = 0
 
-    async def run(self, requests: AsyncIterator[runner_pb2.Delivery]) -> None:
-        logger.info("Process stream opened by %s", self._context.peer())
+    async def run(self, requests: AsyncIterator[_Request]) -> None:
+        kind = "ProcessBatch" if self._batched else "Process"
+        logger.info("%s stream opened by %s", kind, self._context.peer())
         reader = asyncio.create_task(self._read(requests))
         try:
             while not self._finished():
-                item = await self._queue.get()
-                if isinstance(item, runner_pb2.Event):
-                    await self._context.write(item)
-                elif isinstance(item, _Abort):
-                    await self._context.abort(item.code, item.details)
-                elif isinstance(item, BaseException):
-                    raise item
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                elif isinstance(self._queue[0], _Reply):
+                    await self._write_replies()
+                else:
+                    item = self._queue.popleft()
+                    if isinstance(item, _Abort):
+                        await self._context.abort(item.code, item.details)
+                    else:
+                        raise item
         finally:
             await self._cancel(reader)
-        logger.info("Process stream closed after %d deliveries", self._deliveries)
+        logger.info("%s stream closed after %d deliveries", kind, self._deliveries)
 
     def drain(self) -> None:
         """Take no new deliveries; end the stream once those in flight are answered."""
         self._draining = True
-        self._queue.put_nowait(_WAKE)
+        self._wakeup.set()
+
+    def _put(self, item: _Item) -> None:
+        self._queue.append(item)
+        self._wakeup.set()
 
     def _finished(self) -> bool:
-        return (self._client_done or self._draining) and not self._in_flight and self._queue.empty()
+        return (self._client_done or self._draining) and not self._in_flight and not self._queue
 
-    async def _read(self, requests: AsyncIterator[runner_pb2.Delivery]) -> None:
+    async def _write_replies(self) -> None:
+        """Write the Event at the head of the queue; batched, every one queued behind it too."""
+        if not self._batched:
+            reply = self._queue.popleft()
+            assert isinstance(reply, _Reply)
+            await self._context.write(reply.event())
+            return
+        batch = runner_pb2.EventBatch()
+        size = 0
+        while self._queue and isinstance(reply := self._queue[0], _Reply):
+            reply_size = reply.size()
+            if size and size + reply_size > BATCH_BYTES:
+                break
+            size += reply_size
+            reply.add_to(batch)
+            self._queue.popleft()
+        await self._context.write(batch)
+
+    async def _read(self, requests: AsyncIterator[_Request]) -> None:
         try:
-            async for delivery in requests:
-                self._start(delivery)
+            async for request in requests:
+                for delivery in _deliveries(request):
+                    self._start(delivery)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # handed to the writer, which ends the call
-            self._queue.put_nowait(exc)
+            self._put(exc)
             return
         self._client_done = True
-        self._queue.put_nowait(_WAKE)
+        self._wakeup.set()
 
     def _start(self, delivery: runner_pb2.Delivery) -> None:
         if self._draining:
@@ -101,7 +167,7 @@ class ProcessStream:
             )
             return
         if delivery.id in self._in_flight:
-            self._queue.put_nowait(
+            self._put(
                 _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"delivery id {delivery.id} is already in flight on this stream: "
@@ -118,7 +184,7 @@ class ProcessStream:
         delivery_id = delivery.id
 
         async def emit_early(payload: any_pb2.Any) -> None:
-            self._queue.put_nowait(runner_pb2.Event(delivery_id=delivery_id, early_reply=payload))
+            self._put(_Reply(delivery_id, early_reply=payload))
 
         try:
             try:
@@ -126,7 +192,7 @@ class ProcessStream:
             except Exception as exc:  # a bug of ours: still exactly one Result
                 logger.exception("dispatch failed on delivery %d", delivery_id)
                 result = runner_pb2.Result(failure=failure_of(exc))
-            self._queue.put_nowait(runner_pb2.Event(delivery_id=delivery_id, result=result))
+            self._put(_Reply(delivery_id, result=result))
         finally:
             # In the same step as the put: the writer never sees an empty in-flight
             # set before the Result is queued.
@@ -142,3 +208,9 @@ class ProcessStream:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _deliveries(request: _Request) -> Iterable[runner_pb2.Delivery]:
+    if isinstance(request, runner_pb2.DeliveryBatch):
+        return request.deliveries
+    return (request,)

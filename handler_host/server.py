@@ -71,12 +71,31 @@ class HandlerHostServicer(runner_pb2_grpc.HandlerHostServicer):
         request_iterator: AsyncIterator[runner_pb2.Delivery],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        await self._stream(request_iterator, context, batched=False)
+
+    async def ProcessBatch(
+        self,
+        request_iterator: AsyncIterator[runner_pb2.DeliveryBatch],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._stream(request_iterator, context, batched=True)
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[runner_pb2.Delivery] | AsyncIterator[runner_pb2.DeliveryBatch],
+        context: grpc.aio.ServicerContext,
+        *,
+        batched: bool,
+    ) -> None:
         with self._call():
             await self._refuse_when_draining(context)
-            stream = ProcessStream(self._dispatcher, context)
+            # Headers at once: the sidecar knows the host took the stream (a host
+            # without ProcessBatch answers UNIMPLEMENTED instead).
+            await context.send_initial_metadata(())
+            stream = ProcessStream(self._dispatcher, context, batched=batched)
             self._streams.add(stream)
             try:
-                await stream.run(request_iterator)
+                await stream.run(requests)
             finally:
                 self._streams.discard(stream)
 

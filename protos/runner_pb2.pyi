@@ -68,6 +68,18 @@ class Event(_message.Message):
     result: Result
     def __init__(self, delivery_id: _Optional[int] = ..., early_reply: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
 
+class DeliveryBatch(_message.Message):
+    __slots__ = ("deliveries",)
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
+    def __init__(self, deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
 class HandleReply(_message.Message):
     __slots__ = ("early_replies", "result")
     EARLY_REPLIES_FIELD_NUMBER: _ClassVar[int]

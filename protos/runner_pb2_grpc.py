@@ -39,6 +39,11 @@ class HandlerHostStub:
                 request_serializer=protos_dot_runner__pb2.Delivery.SerializeToString,
                 response_deserializer=protos_dot_runner__pb2.Event.FromString,
                 _registered_method=True)
+        self.ProcessBatch = channel.stream_stream(
+                '/kre.runner.v1.HandlerHost/ProcessBatch',
+                request_serializer=protos_dot_runner__pb2.DeliveryBatch.SerializeToString,
+                response_deserializer=protos_dot_runner__pb2.EventBatch.FromString,
+                _registered_method=True)
         self.Handle = channel.unary_unary(
                 '/kre.runner.v1.HandlerHost/Handle',
                 request_serializer=protos_dot_runner__pb2.Delivery.SerializeToString,
@@ -58,6 +63,16 @@ class HandlerHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProcessBatch(self, request_iterator, context):
+        """The same stream, batched: each request carries the deliveries the sidecar had
+        queued, each response the events the host had ready. Every Delivery and every
+        Event keeps the rules of Process; a batch only saves a stream message per item.
+        The sidecar uses it, and falls back to Process on a host without it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Handle(self, request, context):
         """One message, unary: for tools, tests and users' own handler tests.
         """
@@ -72,6 +87,11 @@ def add_HandlerHostServicer_to_server(servicer, server):
                     servicer.Process,
                     request_deserializer=protos_dot_runner__pb2.Delivery.FromString,
                     response_serializer=protos_dot_runner__pb2.Event.SerializeToString,
+            ),
+            'ProcessBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProcessBatch,
+                    request_deserializer=protos_dot_runner__pb2.DeliveryBatch.FromString,
+                    response_serializer=protos_dot_runner__pb2.EventBatch.SerializeToString,
             ),
             'Handle': grpc.unary_unary_rpc_method_handler(
                     servicer.Handle,
@@ -106,6 +126,33 @@ class HandlerHost:
             '/kre.runner.v1.HandlerHost/Process',
             protos_dot_runner__pb2.Delivery.SerializeToString,
             protos_dot_runner__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProcessBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kre.runner.v1.HandlerHost/ProcessBatch',
+            protos_dot_runner__pb2.DeliveryBatch.SerializeToString,
+            protos_dot_runner__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ import textwrap
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -25,6 +26,7 @@ from handler_host.testing import HandlerClient, serve_handler
 from protos import kre_nats_msg_pb2, runner_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
+_T = TypeVar("_T")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -159,18 +161,39 @@ def deliveries(values: Iterable[str]) -> list[runner_pb2.Delivery]:
 
 
 async def process(
-    client: HandlerClient, items: list[runner_pb2.Delivery]
+    client: HandlerClient, items: list[runner_pb2.Delivery], batch: int | None = None
 ) -> dict[int, list[runner_pb2.Event]]:
-    """Send every delivery on one Process stream, close our side, read until the end."""
+    """Send every delivery on one stream, close our side, read until the end.
 
-    async def requests() -> AsyncIterator[runner_pb2.Delivery]:
-        for item in items:
-            yield item
-
+    `batch` None: a Process stream; a number: a ProcessBatch stream with that many
+    deliveries per DeliveryBatch.
+    """
     by_delivery: dict[int, list[runner_pb2.Event]] = defaultdict(list)
-    async for event in client.stub.Process(requests()):
+    for event in await read_events(client, items, batch):
         by_delivery[event.delivery_id].append(event)
     return by_delivery
+
+
+async def read_events(
+    client: HandlerClient, items: list[runner_pb2.Delivery], batch: int | None
+) -> list[runner_pb2.Event]:
+    if batch is None:
+        return [event async for event in client.stub.Process(_aiter(items))]
+    batches = [
+        runner_pb2.DeliveryBatch(deliveries=items[i : i + batch])
+        for i in range(0, len(items), batch)
+    ]
+    replies = [reply async for reply in client.stub.ProcessBatch(_aiter(batches))]
+    return [event for reply in replies for event in reply.events]
+
+
+async def _aiter(items: Iterable[_T]) -> AsyncIterator[_T]:
+    for item in items:
+        yield item
+
+
+# Both stream RPCs, ProcessBatch with batches of one and of several deliveries.
+STREAMS = pytest.mark.parametrize("batch", [None, 1, 7], ids=["Process", "Batch1", "Batch7"])
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
@@ -250,9 +273,12 @@ async def test_early_reply_refused_for_an_already_replied_input(multi: HandlerCl
     assert "already replied" in reply.result.failure.message
 
 
-async def test_process_orders_early_replies_before_results(multi: HandlerClient) -> None:
+@STREAMS
+async def test_process_orders_early_replies_before_results(
+    multi: HandlerClient, batch: int | None
+) -> None:
     values = ["early", "plain", "none", "raise", "early"]
-    events = await process(multi, deliveries(values))
+    events = await process(multi, deliveries(values), batch)
 
     assert sorted(events) == [1, 2, 3, 4, 5]
     for delivery_id in (1, 5):
@@ -265,10 +291,11 @@ async def test_process_orders_early_replies_before_results(multi: HandlerClient)
     assert events[4][0].result.failure.type == "ValueError"
 
 
-async def test_process_200_concurrent_async_deliveries(tmp_path: Path) -> None:
+@STREAMS
+async def test_process_200_concurrent_async_deliveries(tmp_path: Path, batch: int | None) -> None:
     values = [f"m{i}" for i in range(CONCURRENT)]
     async with serve_handler(write_handler(tmp_path, GATED_ASYNC)) as client:
-        events = await process(client, deliveries(values))
+        events = await process(client, deliveries(values), batch)
 
     assert len(events) == CONCURRENT
     for delivery_id, value in enumerate(values, start=1):
@@ -279,10 +306,11 @@ async def test_process_200_concurrent_async_deliveries(tmp_path: Path) -> None:
         assert unpack_text(result.result.payload) == f"async:{value}"
 
 
-async def test_process_200_deliveries_to_a_sync_handler(tmp_path: Path) -> None:
+@STREAMS
+async def test_process_200_deliveries_to_a_sync_handler(tmp_path: Path, batch: int | None) -> None:
     values = [f"s{i}" for i in range(CONCURRENT)]
     async with serve_handler(write_handler(tmp_path, SYNC), handler_threads=1) as client:
-        events = await process(client, deliveries(values))
+        events = await process(client, deliveries(values), batch)
         assert client.host.dispatcher.sync_calls_pending == 0
 
     assert len(events) == CONCURRENT
@@ -291,18 +319,33 @@ async def test_process_200_deliveries_to_a_sync_handler(tmp_path: Path) -> None:
         assert unpack_text(event.result.payload) == f"sync:{value}"
 
 
-async def test_duplicate_in_flight_delivery_id_ends_the_stream(tmp_path: Path) -> None:
+@STREAMS
+async def test_duplicate_in_flight_delivery_id_ends_the_stream(
+    tmp_path: Path, batch: int | None
+) -> None:
     async with serve_handler(write_handler(tmp_path, BLOCKING)) as client:
         context = client.host.dispatcher.context
         context.set("entered", asyncio.Event())
         context.set("release", asyncio.Event())
         first = deliveries(["a"])[0]
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await process(client, [first, first])
+            await process(client, [first, first], batch)
         context.get("release").set()
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "already in flight" in (caught.value.details() or "")
+
+
+async def test_process_batch_writes_ready_results_together(tmp_path: Path) -> None:
+    # All 200 are released at once: their Events are queued in the same few loop steps.
+    items = deliveries([f"m{i}" for i in range(CONCURRENT)])
+    batches = [runner_pb2.DeliveryBatch(deliveries=items)]
+    async with serve_handler(write_handler(tmp_path, GATED_ASYNC)) as client:
+        replies = [reply async for reply in client.stub.ProcessBatch(_aiter(batches))]
+
+    sizes = [len(reply.events) for reply in replies]
+    assert sum(sizes) == 2 * CONCURRENT  # an early reply and a Result each
+    assert len(replies) < CONCURRENT, sizes  # far fewer stream messages than events
 
 
 async def test_unix_socket_with_a_stale_socket_file(tmp_path: Path) -> None:

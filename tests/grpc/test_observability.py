@@ -251,7 +251,7 @@ async def test_reflection_describes_the_handler_host(node: HandlerNode) -> None:
     services, methods = await asyncio.to_thread(describe)
 
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
-    assert methods == ["Process", "Handle"]
+    assert methods == ["Process", "ProcessBatch", "Handle"]
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 Each test passes `respond(delivery, emit)`: it is run once per Delivery and calls
 `emit(early_reply=...)` / `emit(result=...)` to write Events back on the stream.
+`FakeHandlerHost(batched=False)` is a host from before ProcessBatch: it answers that
+RPC UNIMPLEMENTED, as an older handler image does.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ async def greet(delivery: runner_pb2.Delivery, emit: Emit) -> None:
 
 
 class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
-    def __init__(self, respond: Respond = greet) -> None:
+    def __init__(self, respond: Respond = greet, batched: bool = True) -> None:
         self.respond = respond
+        self.batched = batched
         self.deliveries: list[runner_pb2.Delivery] = []
         self.streams = 0
 
@@ -76,6 +79,21 @@ class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    async def ProcessBatch(
+        self, request_iterator: AsyncIterator[runner_pb2.DeliveryBatch], context: Any
+    ) -> AsyncIterator[runner_pb2.EventBatch]:
+        if not self.batched:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        await context.send_initial_metadata(())
+
+        async def deliveries() -> AsyncIterator[runner_pb2.Delivery]:
+            async for batch in request_iterator:
+                for delivery in batch.deliveries:
+                    yield delivery
+
+        async for event in self.Process(deliveries(), context):
+            yield runner_pb2.EventBatch(events=[event])
 
 
 class RunningHost:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from google.protobuf import any_pb2
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
+from sidecar import channel as channel_module
 from sidecar.channel import HandlerChannel
 from sidecar.errors import HandlerUnavailable
 from tests.unit.fake_handler_host import (
@@ -55,8 +57,18 @@ def address() -> Iterator[str]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-async def started(address: str, respond: Respond = greet, serving: bool = True) -> RunningHost:
-    return await RunningHost(address, FakeHandlerHost(respond)).start(serving)
+StartHost = Callable[..., Awaitable[RunningHost]]
+
+
+@pytest.fixture(params=[True, False], ids=["ProcessBatch", "Process"])
+def started(request: pytest.FixtureRequest) -> StartHost:
+    """Start a fake host: one with ProcessBatch, and one from before it."""
+
+    async def start(address: str, respond: Respond = greet, serving: bool = True) -> RunningHost:
+        host = FakeHandlerHost(respond, batched=request.param)
+        return await RunningHost(address, host).start(serving)
+
+    return start
 
 
 @pytest.fixture
@@ -67,7 +79,9 @@ async def channel(address: str) -> AsyncIterator[HandlerChannel]:
     await chan.close()
 
 
-async def test_a_call_returns_the_result(address: str, channel: HandlerChannel) -> None:
+async def test_a_call_returns_the_result(
+    started: StartHost, address: str, channel: HandlerChannel
+) -> None:
     host = await started(address)
     try:
         await asyncio.wait_for(channel.wait_ready(), 5)
@@ -79,7 +93,7 @@ async def test_a_call_returns_the_result(address: str, channel: HandlerChannel) 
 
 
 async def test_interleaved_events_are_routed_by_delivery_id(
-    address: str, channel: HandlerChannel
+    started: StartHost, address: str, channel: HandlerChannel
 ) -> None:
     async def slower_first(d: runner_pb2.Delivery, emit: Emit) -> None:
         n = int(text_of(d.message.payload))
@@ -109,7 +123,7 @@ async def test_interleaved_events_are_routed_by_delivery_id(
 
 
 async def test_early_replies_come_in_order_before_the_result(
-    address: str, channel: HandlerChannel
+    started: StartHost, address: str, channel: HandlerChannel
 ) -> None:
     async def three_early(d: runner_pb2.Delivery, emit: Emit) -> None:
         for i in range(3):
@@ -133,7 +147,7 @@ async def test_early_replies_come_in_order_before_the_result(
 
 
 async def test_host_going_away_fails_pending_calls_then_recovers(
-    address: str, channel: HandlerChannel
+    started: StartHost, address: str, channel: HandlerChannel
 ) -> None:
     async def hang(d: runner_pb2.Delivery, emit: Emit) -> None:
         await asyncio.Event().wait()
@@ -161,7 +175,7 @@ async def test_host_going_away_fails_pending_calls_then_recovers(
 
 
 async def test_not_ready_until_the_host_reports_serving(
-    address: str, channel: HandlerChannel
+    started: StartHost, address: str, channel: HandlerChannel
 ) -> None:
     host = await started(address, serving=False)
     try:
@@ -178,7 +192,7 @@ async def test_not_ready_until_the_host_reports_serving(
 
 
 async def test_not_serving_keeps_the_open_stream_for_in_flight_calls(
-    address: str, channel: HandlerChannel
+    started: StartHost, address: str, channel: HandlerChannel
 ) -> None:
     release = asyncio.Event()
 
@@ -200,7 +214,7 @@ async def test_not_serving_keeps_the_open_stream_for_in_flight_calls(
         await host.stop()
 
 
-async def test_close_fails_pending_calls(address: str) -> None:
+async def test_close_fails_pending_calls(started: StartHost, address: str) -> None:
     async def hang(d: runner_pb2.Delivery, emit: Emit) -> None:
         await asyncio.Event().wait()
 
@@ -218,7 +232,9 @@ async def test_close_fails_pending_calls(address: str) -> None:
         await host.stop()
 
 
-async def test_tcp_address_works_too() -> None:
+async def test_tcp_address_works_too(
+    started: StartHost,
+) -> None:
     host = await started("127.0.0.1:0")
     chan = HandlerChannel(host.target)
     await chan.start()
@@ -231,7 +247,9 @@ async def test_tcp_address_works_too() -> None:
         await host.stop()
 
 
-async def test_a_host_that_sends_no_result_in_time_counts_as_unreachable(address: str) -> None:
+async def test_a_host_that_sends_no_result_in_time_counts_as_unreachable(
+    started: StartHost, address: str
+) -> None:
     async def never(d: runner_pb2.Delivery, emit: Emit) -> None:
         await asyncio.Event().wait()
 
@@ -248,3 +266,43 @@ async def test_a_host_that_sends_no_result_in_time_counts_as_unreachable(address
     finally:
         await chan.close()
         await host.stop()
+
+
+async def test_an_older_host_without_process_batch_gets_process(
+    address: str, channel: HandlerChannel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.channel")
+    fake = FakeHandlerHost(batched=False)
+    host = await RunningHost(address, fake).start()
+    try:
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        results = await asyncio.gather(
+            *(channel.call(delivery(f"n{i}"), no_early_reply) for i in range(5))
+        )
+    finally:
+        await host.stop()
+
+    assert [text_of(r.payload) for r in results] == [f"hello n{i}" for i in range(5)]
+    assert fake.streams == 1  # the Process stream: ProcessBatch was refused, no retries
+    assert "has no ProcessBatch" in caplog.text
+
+
+async def test_queued_deliveries_go_out_as_one_batch_under_the_byte_cap() -> None:
+    requests: asyncio.Queue[bytes | None] = asyncio.Queue()
+    small = [delivery(f"s{i}") for i in range(3)]
+    big = runner_pb2.Delivery(id=9, subject="x" * (channel_module.BATCH_BYTES - 100))
+    for i, item in enumerate(small, start=1):
+        item.id = i
+    for item in (*small, big, small[0]):
+        requests.put_nowait(item.SerializeToString())
+    requests.put_nowait(None)
+
+    batches = [
+        runner_pb2.DeliveryBatch.FromString(data)
+        async for data in channel_module._batches(requests)
+    ]
+
+    # The three small ones together; the big one would pass the cap: it goes alone,
+    # with what fits behind it; then the end of the queue ends the stream.
+    assert [[d.id for d in b.deliveries] for b in batches] == [[1, 2, 3], [9, 1]]
+    assert batches[0].deliveries[2] == small[2]
