@@ -4,6 +4,9 @@
 builds the clients once at start (connecting nothing: a store that is down at start
 does not stop the handler host); ``Services.close`` flushes InfluxDB and closes
 MongoDB at shutdown. A service whose URI is unset is ``None``.
+
+The drivers (pymongo, influxdb_client: about 20 MB of memory together) are imported
+only when their URI is set.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from handler_host.errors import SettingsError
@@ -25,10 +29,22 @@ from handler_host.services.errors import (
     StoreUnavailableError,
 )
 from handler_host.services.influx import Measurements, line_protocol, new_measurements
-from handler_host.services.mongo import MongoClient, MongoStore, PredictionStore, new_mongo_client
 from handler_host.settings import mask_uri
 
+if TYPE_CHECKING:
+    from handler_host.services.mongo import MongoClient, MongoStore, PredictionStore
+
 logger = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    """``MongoStore`` and ``PredictionStore``, importing pymongo when first asked for."""
+    if name in ("MongoStore", "PredictionStore"):
+        from handler_host.services import mongo
+
+        return getattr(mongo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _BAD_DB_CHARS = frozenset('/\\. "$\x00')
 
@@ -156,6 +172,8 @@ class Services:
         logger.info("data services: %s", settings.summary())
         services = cls()
         if settings.mongo_uri:
+            from handler_host.services.mongo import MongoStore, PredictionStore, new_mongo_client
+
             client = new_mongo_client(settings.mongo_uri, settings.mongo_timeout_s)
             timeout = settings.mongo_timeout_s
             services._mongo_client = client

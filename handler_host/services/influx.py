@@ -19,11 +19,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from influxdb_client.client.influxdb_client import InfluxDBClient
-from influxdb_client.client.write.point import Point
-from influxdb_client.client.write_api import SYNCHRONOUS
-from influxdb_client.domain.write_precision import WritePrecision
-
 from handler_host.services.errors import ServiceArgumentError
 from handler_host.services.influx_writer import BatchWriter, WriterStats
 from handler_host.settings import mask_uri
@@ -33,10 +28,12 @@ logger = logging.getLogger(__name__)
 FieldValue = bool | int | float | str
 TagValue = str | int | float | bool
 
-PRECISION_S: str = WritePrecision.S
-PRECISION_MS: str = WritePrecision.MS
-PRECISION_US: str = WritePrecision.US
-PRECISION_NS: str = WritePrecision.NS
+# influxdb_client's WritePrecision values. influxdb_client itself is imported on first
+# use: it is 14 MB of memory that a host without KRT_INFLUX_URI never needs.
+PRECISION_S = "s"
+PRECISION_MS = "ms"
+PRECISION_US = "us"
+PRECISION_NS = "ns"
 # Nanoseconds per unit of each precision.
 _NS_PER = {PRECISION_S: 10**9, PRECISION_MS: 10**6, PRECISION_US: 10**3, PRECISION_NS: 1}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -161,6 +158,8 @@ def line_protocol(
     """
     if not isinstance(measurement, str) or not measurement:
         raise ServiceArgumentError(_SAVE, "measurement", measurement, "must be a nonempty string")
+    from influxdb_client.client.write.point import Point
+
     point = Point(measurement)
     for key, value in _checked_fields(fields).items():
         point.field(key, value)
@@ -260,6 +259,9 @@ class InfluxSender:
     """
 
     def __init__(self, url: str, bucket: str, org: str, token: str, timeout_s: float) -> None:
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
         self._bucket = bucket
         self._org = org
         self._client = InfluxDBClient(
