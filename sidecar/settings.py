@@ -42,6 +42,7 @@ class SidecarSettings:
     durable: str = ""
     handler_address: str = DEFAULT_HANDLER_ADDRESS
     max_in_flight: int = 64
+    max_in_flight_bytes: int = 32 * MIB
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     max_payload_bytes: int = MIB
@@ -77,6 +78,7 @@ class SidecarSettings:
             durable=reader.text("KRT_NATS_DURABLE") or sanitize_durable(node_name),
             handler_address=reader.text("KRT_HANDLER_ADDRESS") or DEFAULT_HANDLER_ADDRESS,
             max_in_flight=reader.integer("KRT_MAX_IN_FLIGHT", 64, minimum=1),
+            max_in_flight_bytes=reader.integer("KRT_MAX_IN_FLIGHT_BYTES", 32 * MIB, minimum=1),
             http_host=reader.text("KRT_HTTP_HOST") or "0.0.0.0",
             http_port=reader.integer("KRT_HTTP_PORT", 8080, minimum=0, maximum=65535),
             max_payload_bytes=reader.integer("KRT_MAX_PAYLOAD_BYTES", MIB, minimum=1),
@@ -117,7 +119,8 @@ class SidecarSettings:
             f"dlq={self.dlq_subject} "
             f"entrypoint={self.entrypoint_subject or '-'} last_node={self.is_last_node} "
             f"durable={self.durable} handler={self.handler_address} "
-            f"max_in_flight={self.max_in_flight} ack_wait={self.ack_wait:g}s "
+            f"max_in_flight={self.max_in_flight} "
+            f"max_in_flight_bytes={self.max_in_flight_bytes} ack_wait={self.ack_wait:g}s "
             f"max_deliver={self.max_deliver} nak_delay={self.nak_delay:g}s "
             f"handler_timeout={self.handler_timeout:g}s "
             f"grace={self.shutdown_grace:g}s http={self.http_host}:{self.http_port}"

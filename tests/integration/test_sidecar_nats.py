@@ -287,6 +287,59 @@ async def test_in_progress_acks_keep_a_slow_handler_from_redelivery(
     assert info.num_redelivered == 0
 
 
+async def test_in_progress_acks_keep_every_slow_message_in_flight(
+    js: JetStreamContext, node: Node
+) -> None:
+    async def slow(d: runner_pb2.Delivery, emit: Emit) -> None:
+        await asyncio.sleep(2.5)
+        await emit(result=runner_pb2.Result(payload=packed(f"slow {text_of(d.message.payload)}")))
+
+    host = await node.host(slow)
+    await node.sidecar(KRT_ACK_WAIT="1")
+    downstream = await Downstream(js, node.stream, node.output).start()
+
+    await Upstream(js, node.input).send_all(
+        [request_envelope(StringValue(value=f"m{i}")) for i in range(5)]
+    )
+    outputs = await downstream.wait_for(5, timeout=20)
+
+    assert sorted(words(m) for m in outputs) == [f"slow m{i}" for i in range(5)]
+    assert len(host.deliveries) == 5  # one keep-alive task covered all five at once
+    info = await settled(js, node)
+    assert info.num_redelivered == 0
+
+
+async def test_the_byte_budget_bounds_the_messages_in_flight(
+    js: JetStreamContext, node: Node
+) -> None:
+    running, most = 0, 0
+
+    async def held(d: runner_pb2.Delivery, emit: Emit) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.3)
+        running -= 1
+        await emit(result=runner_pb2.Result(payload=packed(str(len(text_of(d.message.payload))))))
+
+    await node.host(held)
+    downstream = await Downstream(js, node.stream, node.output).start()
+    # Eight of about 100 KB, then one of 600 KB, more than the whole budget: it must pass.
+    sizes = [100_000] * 8 + [600_000]
+    await Upstream(js, node.input).send_all(
+        [request_envelope(StringValue(value="x" * size)) for size in sizes]
+    )
+    await node.sidecar(KRT_MAX_IN_FLIGHT_BYTES="250000", KRT_MAX_IN_FLIGHT="64")
+
+    outputs = await downstream.wait_for(9, timeout=30)
+
+    assert sorted(int(words(m)) for m in outputs) == sorted(sizes)
+    # Taken while under 250,000 bytes, one at a time (the server's max_payload is 1 MiB):
+    # a third 100 KB message puts the window over, and nothing more comes until one ends.
+    assert 2 <= most <= 3
+    await settled(js, node)
+
+
 async def test_missing_stream_means_not_ready_until_it_exists(
     js: JetStreamContext, node: Node
 ) -> None:

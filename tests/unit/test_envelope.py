@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import re
+import string
 import zlib
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -60,6 +62,45 @@ def test_rfc3339_converts_to_utc_and_treats_naive_as_utc() -> None:
     assert envelope.rfc3339(datetime(2024, 1, 1, 12, 0)) == "2024-01-01T12:00:00.000000Z"
 
 
+@pytest.mark.parametrize(
+    ("moment", "text"),
+    [
+        (datetime(2024, 5, 1, 12, 0, 0, 123, tzinfo=UTC), "2024-05-01T12:00:00.000123Z"),
+        (datetime(2024, 5, 1, 2, 3, 4, 5), "2024-05-01T02:03:04.000005Z"),  # naive: UTC
+        (datetime(2024, 12, 31, 23, 59, 59, 999999), "2024-12-31T23:59:59.999999Z"),
+        (datetime(2024, 5, 1, 12, 0, 0, 120000, tzinfo=UTC), "2024-05-01T12:00:00.120000Z"),
+        # An offset moves the date too: 00:30 at +02:00 is the day before in UTC.
+        (
+            datetime(2024, 3, 1, 0, 30, 0, 7, tzinfo=timezone(timedelta(hours=2))),
+            "2024-02-29T22:30:00.000007Z",
+        ),
+        (
+            datetime(2024, 1, 1, 23, 0, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+            "2024-01-02T04:30:00.000000Z",
+        ),
+        (datetime(2024, 1, 1, 9, 0, tzinfo=timezone(timedelta(0))), "2024-01-01T09:00:00.000000Z"),
+    ],
+)
+def test_rfc3339_exact_format(moment: datetime, text: str) -> None:
+    assert envelope.rfc3339(moment) == text
+
+
+def test_rfc3339_matches_strftime_for_many_moments() -> None:
+    # The formatting this replaced, kept here as the reference.
+    def reference(moment: datetime) -> str:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    start = datetime(2023, 12, 31, 22, 59, 58, 1, tzinfo=UTC)
+    zones = [UTC, None, timezone(timedelta(hours=1)), timezone(timedelta(hours=-9, minutes=-45))]
+    for step in range(2000):
+        moment = start + timedelta(seconds=step * 3607, microseconds=step * 7919)
+        for zone in zones:
+            local = moment.replace(tzinfo=None) if zone is None else moment.astimezone(zone)
+            assert envelope.rfc3339(local) == reference(local), local
+
+
 def test_output_of_a_fresh_request_has_one_tracking_entry() -> None:
     now = datetime.now(UTC)
     out = envelope.build_output(KreNatsMessage(), "n", packed("x"), now, now)
@@ -109,6 +150,44 @@ def test_outputs_over_the_threshold_are_gzipped_and_decodable() -> None:
     # Any KRE node reads it back with plain gzip.
     assert gzip.decompress(data) == msg.SerializeToString()
     assert envelope.decode_input(data, 4 * MIB) == msg
+
+
+def _gzip_level(data: bytes) -> str:
+    # The gzip header's XFL byte: 4 for the fastest level, 2 for the best, 0 otherwise.
+    return {4: "fastest", 2: "best"}.get(data[8], "other")
+
+
+def test_outputs_are_gzipped_at_the_fastest_level() -> None:
+    msg = request()
+    msg.payload.CopyFrom(packed("some words " * 200_000))
+    data = envelope.encode(msg, MIB)
+    assert _gzip_level(data) == "fastest"
+    assert gzip.decompress(data) == msg.SerializeToString()
+
+
+def _text_like(size: int) -> str:
+    # Words from a small vocabulary: level 9 gzips it measurably smaller than level 1.
+    rng = random.Random(5)
+    vocab = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(512)]
+    return " ".join(rng.choice(vocab) for _ in range(size // 6))[:size]
+
+
+def test_over_the_limit_at_level_1_retries_at_the_best_level() -> None:
+    msg = request()
+    msg.payload.CopyFrom(packed(_text_like(400_000)))
+    raw = msg.SerializeToString()
+    fastest, best = len(gzip.compress(raw, 1)), len(gzip.compress(raw, 9))
+    assert best < fastest
+
+    data = envelope.encode(msg, MIB, limit=best)  # only the best level fits
+    assert _gzip_level(data) == "best" and len(data) == best
+    assert envelope.decode_input(data, MIB) == msg
+    assert _gzip_level(envelope.encode(msg, MIB, limit=fastest)) == "fastest"
+
+    with pytest.raises(PayloadTooLargeError) as info:
+        envelope.encode(msg, MIB, limit=best - 1)
+    assert info.value.size == best  # the error names the smallest size it reached
+    assert info.value.raw_size == len(raw)
 
 
 def test_threshold_is_inclusive_like_kre() -> None:

@@ -32,6 +32,7 @@ def test_defaults() -> None:
     assert s.durable == "node-a"
     assert s.handler_address == DEFAULT_HANDLER_ADDRESS == "unix:///var/run/kre/handler.sock"
     assert s.max_in_flight == 64
+    assert s.max_in_flight_bytes == 32 * 1024 * 1024
     assert (s.http_host, s.http_port) == ("0.0.0.0", 8080)
     assert s.max_payload_bytes == 1024 * 1024
     assert s.max_message_bytes == 64 * 1024 * 1024
@@ -104,6 +105,8 @@ def test_booleans(raw: str, value: bool) -> None:
     [
         ("KRT_MAX_IN_FLIGHT", "abc"),
         ("KRT_MAX_IN_FLIGHT", "-1"),
+        ("KRT_MAX_IN_FLIGHT_BYTES", "0"),
+        ("KRT_MAX_IN_FLIGHT_BYTES", "32MiB"),
         ("KRT_MAX_DELIVER", "0"),
         ("KRT_HTTP_PORT", "70000"),
         ("KRT_HTTP_PORT", "-1"),
@@ -126,6 +129,7 @@ def test_invalid_values_are_named(name: str, raw: str) -> None:
 def test_numbers_are_parsed() -> None:
     s = settings(
         KRT_MAX_IN_FLIGHT="8",
+        KRT_MAX_IN_FLIGHT_BYTES="1000000",
         KRT_HTTP_PORT="0",
         KRT_MAX_PAYLOAD_BYTES="2048",
         KRT_MAX_MESSAGE_BYTES="4096",
@@ -135,7 +139,7 @@ def test_numbers_are_parsed() -> None:
         KRT_NAK_DELAY="0",
         KRT_SHUTDOWN_GRACE="0.5",
     )
-    assert (s.max_in_flight, s.http_port) == (8, 0)
+    assert (s.max_in_flight, s.max_in_flight_bytes, s.http_port) == (8, 1_000_000, 0)
     assert (s.max_payload_bytes, s.max_message_bytes, s.grpc_max_message_bytes) == (
         2048,
         4096,
@@ -187,6 +191,12 @@ def test_handler_host_variables_are_accepted_and_ignored() -> None:
         KRT_NATS_MONGO_WRITER="mongo_writer",
     )
     assert "secret" not in s.summary()
+
+
+def test_in_flight_bytes_error_says_what_is_expected() -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(KRT_MAX_IN_FLIGHT_BYTES="32M")
+    assert str(info.value).endswith("KRT_MAX_IN_FLIGHT_BYTES must be an integer >= 1, got '32M'")
 
 
 def test_summary_is_one_line() -> None:

@@ -1,0 +1,78 @@
+"""In-memory stand-ins for nats-py's pull subscription and messages, for consumer tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import nats.errors
+
+
+class FakeMsg:
+    """A fetched message: its bytes, and the in-progress acks it was sent (monotonic times)."""
+
+    def __init__(self, size: int, name: str = "", fail_first_in_progress: bool = False) -> None:
+        self.data = b"x" * size
+        self.name = name
+        self.fetched_at = 0.0
+        self.in_progress_at: list[float] = []
+        self._fail_next = fail_first_in_progress
+
+    async def in_progress(self) -> None:
+        if self._fail_next:
+            self._fail_next = False
+            raise nats.errors.ConnectionClosedError
+        self.in_progress_at.append(time.monotonic())
+
+    async def nak(self, delay: float | None = None) -> None:
+        pass
+
+
+class ServingSub:
+    """A pull subscription serving `messages` in order; `batches` records what was asked."""
+
+    def __init__(self, messages: list[FakeMsg]) -> None:
+        self.queue = list(messages)
+        self.batches: list[int] = []
+
+    async def fetch(self, batch: int, timeout: float) -> list[FakeMsg]:
+        self.batches.append(batch)
+        if not self.queue:
+            await asyncio.sleep(0.01)
+            return []
+        taken, self.queue = self.queue[:batch], self.queue[batch:]
+        for msg in taken:
+            msg.fetched_at = time.monotonic()
+        return taken
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class FakeJs:
+    def __init__(self, sub: ServingSub) -> None:
+        self.sub = sub
+
+    async def add_consumer(self, stream: str, config: Any) -> None:
+        pass
+
+    async def pull_subscribe_bind(self, durable: str, stream: str) -> ServingSub:
+        return self.sub
+
+    async def stream_info(self, stream: str) -> Any:
+        return SimpleNamespace(config=SimpleNamespace(subjects=["in", "out", "out.dlq"]))
+
+
+class ReadyChannel:
+    async def wait_ready(self) -> bool:
+        return True
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)

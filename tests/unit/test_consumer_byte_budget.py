@@ -1,0 +1,114 @@
+"""KRT_MAX_IN_FLIGHT_BYTES: the consumer takes messages only while their bytes fit."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from sidecar.consumer import FETCH_MAX_BYTES, Consumer
+from sidecar.message import InFlight
+from sidecar.settings import SidecarSettings
+from tests.unit.fake_jetstream import FakeJs, FakeMsg, ReadyChannel, ServingSub, eventually
+
+pytestmark = pytest.mark.timeout(20)
+
+SETTINGS = SidecarSettings(
+    node_name="n",
+    nats_servers=("nats://127.0.0.1:1",),
+    nats_inputs=("in",),
+    nats_output="out",
+    nats_stream="S",
+    durable="n",
+    max_in_flight=8,
+    max_in_flight_bytes=1000,
+)
+
+
+class HeldConsumer:
+    """A consumer over `messages` whose handling waits until `release` is set."""
+
+    def __init__(self, messages: list[FakeMsg], max_payload: int, **settings: int) -> None:
+        self.sub = ServingSub(messages)
+        self.consumer = Consumer(
+            replace(SETTINGS, **settings),
+            FakeJs(self.sub),  # type: ignore[arg-type]
+            ReadyChannel(),  # type: ignore[arg-type]
+            max_payload,
+        )
+        self.consumer._processor.handle = self._handle  # type: ignore[method-assign]
+        self.release = asyncio.Event()
+        self.handled: list[str] = []
+        self.in_flight: list[str] = []
+        self.most_bytes = 0
+
+    async def _handle(self, record: InFlight) -> None:
+        msg: FakeMsg = record.msg  # type: ignore[assignment]
+        self.in_flight.append(msg.name)
+        self.most_bytes = max(self.most_bytes, self.consumer.bytes_in_flight)
+        await self.release.wait()
+        self.in_flight.remove(msg.name)
+        self.handled.append(msg.name)
+
+
+async def test_fetches_stop_at_the_budget_and_are_sized_by_the_room_left() -> None:
+    messages = [FakeMsg(250, f"m{i}") for i in range(10)]
+    held = HeldConsumer(messages, max_payload=300)
+    held.consumer.start()
+    try:
+        await eventually(lambda: len(held.in_flight) == 4)
+        assert held.consumer.bytes_in_flight == 1000
+        # 1000 bytes of room / 300 per message at most: 3; then 250 left: one at a time.
+        assert held.sub.batches[:2] == [3, 1]
+        assert held.in_flight == ["m0", "m1", "m2", "m3"]
+        await asyncio.sleep(0.1)  # nothing more is fetched while the budget is used up
+        assert len(held.sub.batches) == 2 and len(held.in_flight) == 4
+
+        held.release.set()
+        await eventually(lambda: len(held.handled) == 10)
+        await eventually(lambda: held.consumer.bytes_in_flight == 0)
+        # Never more than one message past the budget (each at most max_payload).
+        assert held.most_bytes < 1000 + 300
+    finally:
+        await held.consumer.stop(0)
+
+
+async def test_a_message_larger_than_the_budget_goes_through_alone() -> None:
+    messages = [FakeMsg(3000, "big"), FakeMsg(100, "a"), FakeMsg(100, "b")]
+    held = HeldConsumer(messages, max_payload=4000)
+    held.consumer.start()
+    try:
+        await eventually(lambda: held.in_flight == ["big"])
+        await asyncio.sleep(0.1)
+        assert held.in_flight == ["big"] and held.sub.batches == [1]
+
+        held.release.set()
+        await eventually(lambda: sorted(held.handled) == ["a", "b", "big"])
+        assert held.consumer.bytes_in_flight == 0
+    finally:
+        await held.consumer.stop(0)
+
+
+async def test_small_messages_fill_the_message_window_over_several_fetches() -> None:
+    messages = [FakeMsg(10, f"m{i}") for i in range(20)]
+    held = HeldConsumer(messages, max_payload=300)
+    held.consumer.start()
+    try:
+        await eventually(lambda: len(held.in_flight) == 8)  # KRT_MAX_IN_FLIGHT still binds
+        assert held.sub.batches[:3] == [3, 3, 2]
+        assert held.consumer.bytes_in_flight == 80
+    finally:
+        held.release.set()
+        await held.consumer.stop(1)
+
+
+async def test_one_fetch_never_asks_for_more_than_fetch_max_bytes() -> None:
+    consumer = Consumer(
+        replace(SETTINGS, max_in_flight=1000, max_in_flight_bytes=10**12),
+        FakeJs(ServingSub([])),  # type: ignore[arg-type]
+        ReadyChannel(),  # type: ignore[arg-type]
+        max_payload=1024 * 1024,
+    )
+    assert consumer._batch(1000) == FETCH_MAX_BYTES // (1024 * 1024)
+    assert consumer._batch(3) == 3
