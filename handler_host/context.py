@@ -280,12 +280,10 @@ class MessageContext:
         self.tracking_id = tracking_id
         # The dispatcher made the delivery's tags current (attempt, traceparent): they
         # go into the logger itself, so that its lines carry them from a worker thread.
-        tags = current_tags()
-        extra = tags.extra() if tags is not None else {}
-        extra["kre_node"] = shared.node_name
-        if tracking_id:
-            extra["kre_tracking_id"] = tracking_id
-        self.logger = ContextLogger(shared.logger.logger, extra)
+        # The logger is built when first used: most handlers never log.
+        self._tags = current_tags()
+        self._tracking_tag = tracking_id  # as given, whatever ctx.tracking_id becomes
+        self._logger: ContextLogger | None = None
         self._input_replied = replied
         self._early_replied = False
         self._finished = False
@@ -311,6 +309,21 @@ class MessageContext:
     @property
     def measurement(self) -> Any:
         return self.shared.measurement
+
+    @property
+    def logger(self) -> ContextLogger:
+        """The shared logger, with this message's tags on every line."""
+        if self._logger is None:
+            extra = self._tags.extra() if self._tags is not None else {}
+            extra["kre_node"] = self.shared.node_name
+            if self._tracking_tag:
+                extra["kre_tracking_id"] = self._tracking_tag
+            self._logger = ContextLogger(self.shared.logger.logger, extra)
+        return self._logger
+
+    @logger.setter
+    def logger(self, value: ContextLogger) -> None:
+        self._logger = value
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names this view lacks: node_name, base_path, user attributes.

@@ -34,7 +34,7 @@ from prometheus_client import (
 
 from handler_host.context import EmitEarly
 from handler_host.dispatch import Dispatcher
-from handler_host.logs import MessageTags, bind
+from handler_host.logs import DeliveryTags, bind
 from handler_host.timing import record_timing
 from protos import runner_pb2
 
@@ -84,6 +84,26 @@ INFO = Info(
 )
 
 
+class _Children(dict[str, Any]):
+    """A labelled metric's children by label value, each bound on first use.
+
+    ``metric.labels(value)`` takes a lock and builds a key on every call; a dict lookup
+    does not. First use, not up front: no series shows before it has a sample.
+    """
+
+    def __init__(self, metric: Histogram | Counter) -> None:
+        super().__init__()
+        self._metric = metric
+
+    def __missing__(self, value: str) -> Any:
+        child = self[value] = self._metric.labels(value)
+        return child
+
+
+_SECONDS_BY_OUTCOME = _Children(HANDLER_SECONDS)
+_ERRORS_BY_TYPE = _Children(ERRORS)
+
+
 def outcome_of(result: runner_pb2.Result) -> str:
     """``payload``, ``none``, ``failure`` or ``retryable``."""
     kind = result.WhichOneof("outcome")
@@ -109,18 +129,13 @@ class ObservedDispatcher(Dispatcher):
         *args: Any,
         **kwargs: Any,
     ) -> runner_pb2.Result:
-        message = delivery.message
-        tags = MessageTags.of(
-            self.context.node_name, message.tracking_id, delivery.attempt, delivery.headers
-        )
-
         async def counted_early(payload: any_pb2.Any) -> None:
             await emit_early(payload)
             EARLY_REPLIES.inc()
 
         IN_FLIGHT.inc()
         try:
-            with bind(tags):
+            with bind(DeliveryTags(self.context.node_name, delivery)):
                 result = await super().dispatch(delivery, counted_early, *args, **kwargs)
                 _observe(result)
                 record_timing(self.context.services, delivery, result, self.context.is_last_node)
@@ -131,13 +146,13 @@ class ObservedDispatcher(Dispatcher):
 
 def _observe(result: runner_pb2.Result) -> None:
     outcome = outcome_of(result)
-    seconds = 0.0
-    if result.HasField("start") and result.HasField("end"):
-        span = result.end.ToNanoseconds() - result.start.ToNanoseconds()
-        seconds = max(0.0, span / 1e9)
-    HANDLER_SECONDS.labels(outcome).observe(seconds)
+    # The Dispatcher stamped both ends; Timestamp.ToNanoseconds would check each's range.
+    start, end = result.start, result.end
+    span = (end.seconds - start.seconds) * 1_000_000_000 + end.nanos - start.nanos
+    seconds = max(0.0, span / 1e9)
+    _SECONDS_BY_OUTCOME[outcome].observe(seconds)
     if outcome in (FAILURE, RETRYABLE):
-        ERRORS.labels(result.failure.type).inc()
+        _ERRORS_BY_TYPE[result.failure.type].inc()
     logger.debug("handled in %.1f ms: %s", seconds * 1000, outcome)
 
 

@@ -3,7 +3,8 @@
 ``node_elapsed_time`` (tags workflow, version, node; fields tracking_id, node_from,
 elapsed_ms, waiting_ms) for every message, and ``workflow_elapsed_time`` on the last
 node. ``waiting_ms`` is the time between the previous node's end (the input's last
-tracking entry) and this handler's start. Nothing is written without KRT_INFLUX_URI.
+tracking entry) and this handler's start. Nothing is written without KRT_INFLUX_URI,
+and then nothing is worked out either.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ def record_timing(
 ) -> None:
     """Record the message's timing; never raises into the message's handling."""
     record = getattr(services, "record_node_elapsed", None)
-    if record is None or not (result.HasField("start") and result.HasField("end")):
+    # No ``measurement`` means no InfluxDB (ContextServices): record_node_elapsed would
+    # write nothing, so skip building its datetimes (a few microseconds a message).
+    if record is None or getattr(services, "measurement", None) is None:
+        return
+    if not (result.HasField("start") and result.HasField("end")):
         return
     tracking = delivery.message.tracking
     previous = tracking[-1] if tracking else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +75,26 @@ async def test_sync_handler_result_is_packed(make: Callable[..., Dispatcher]) ->
     assert seen[0].startswith("test-user")  # ran in the pool, not on the loop
     assert result.start.ToDatetime() <= result.end.ToDatetime()
     assert result.start.seconds > 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_stamps_are_the_wall_clock_in_whole_microseconds(
+    make: Callable[..., Dispatcher], kind: str
+) -> None:
+    def sync(ctx: Any, data: Any) -> None:
+        time.sleep(0.002)
+
+    async def coro(ctx: Any, data: Any) -> None:
+        await asyncio.sleep(0.002)
+
+    before = time.time_ns() // 1000 * 1000
+    result = await make(sync if kind == "sync" else coro).dispatch(delivery(), no_early)
+    after = time.time_ns()
+
+    start, end = result.start.ToNanoseconds(), result.end.ToNanoseconds()
+    assert before <= start <= end <= after
+    assert end - start >= 2_000_000  # the handler's own time, not the dispatcher's
+    assert start % 1000 == 0 and end % 1000 == 0  # the precision of a datetime
 
 
 async def test_async_handler_runs_on_the_loop(make: Callable[..., Dispatcher]) -> None:
