@@ -22,6 +22,7 @@ import nats.errors
 from google.protobuf import any_pb2, timestamp_pb2
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
@@ -255,9 +256,8 @@ class MessageProcessor:
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish through JetStream and wait for the PubAck (Nats-Msg-Id dedups retries)."""
         with metrics.PUBLISH_SECONDS.time():
-            ack = await self._js.publish(
-                subject, data, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
-            )
+            pending = await self._js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
+            ack = await _pub_ack(pending, PUBLISH_TIMEOUT)
         metrics.BYTES_OUT.inc(len(data))
         if envelope.is_compressed(data):
             metrics.COMPRESSED.inc()
@@ -299,6 +299,25 @@ class _EarlyReplies:
         else:
             self.sent = True
             metrics.PUBLISHED.labels(kind="early_reply").inc()
+
+
+async def _pub_ack(pending: asyncio.Future[PubAck], timeout: float) -> PubAck:
+    """Await a `publish_async` PubAck; nats.errors.TimeoutError after `timeout` seconds.
+
+    `js.publish` would wrap each request in `wait_for` (a waiter future and a task
+    switch per message); a timer that fails the future costs one handle. The future's
+    own done-callback releases its place in nats-py's table of pending PubAcks.
+    """
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, pending)
+    try:
+        return await pending
+    finally:
+        timer.cancel()
+
+
+def _expire(pending: asyncio.Future[PubAck]) -> None:
+    if not pending.done():
+        pending.set_exception(nats.errors.TimeoutError())
 
 
 def _from_result(result: runner_pb2.Result, started: datetime, ended: datetime) -> Happened:
