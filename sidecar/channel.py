@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NamedTuple
 
 import grpc
 from google.protobuf import any_pb2
@@ -45,8 +46,16 @@ PROCESS_BATCH = "/kre.runner.v1.HandlerHost/ProcessBatch"
 PROCESS = "/kre.runner.v1.HandlerHost/Process"
 # A DeliveryBatch stops taking deliveries at this size (one bigger Delivery goes alone).
 BATCH_BYTES = 4 * 1024 * 1024
-# DeliveryBatch.deliveries is field 1, length-delimited: its tag byte.
+# Tag bytes of length-delimited fields: DeliveryBatch.deliveries (1), Delivery.message (2).
 _DELIVERIES_TAG = b"\x0a"
+_MESSAGE_TAG = b"\x12"
+
+
+class _Request(NamedTuple):
+    """One serialized Delivery, in parts that are joined once, where the stream writes it."""
+
+    size: int
+    parts: tuple[bytes, ...]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -76,7 +85,7 @@ class HandlerChannel:
         self._channel: grpc.aio.Channel | None = None
         self._serving = asyncio.Event()
         self._ready = asyncio.Event()
-        self._requests: asyncio.Queue[bytes | None] | None = None
+        self._requests: asyncio.Queue[_Request | None] | None = None
         self._batched = True  # until the host says it has no ProcessBatch
         self._pending: dict[int, asyncio.Queue[_Item]] = {}
         self._ids = itertools.count(1)
@@ -128,13 +137,19 @@ class HandlerChannel:
         log.info("handler channel to %s closed", self.address)
 
     async def call(
-        self, delivery: runner_pb2.Delivery, on_early_reply: EarlyReplyCallback
+        self,
+        delivery: runner_pb2.Delivery,
+        on_early_reply: EarlyReplyCallback,
+        message: bytes | None = None,
     ) -> runner_pb2.Result:
         """Run one delivery through the handler; raise HandlerUnavailable if the host is gone.
 
-        Sets `delivery.id`. Early replies are awaited through `on_early_reply`, in the
-        order the handler sent them, before the Result is returned. With a result
-        timeout, a host that sends no Result in time counts as unreachable.
+        Sets `delivery.id`. `message`: the serialized KreNatsMessage, sent as the
+        Delivery's `message` as it is (then `delivery.message` must be unset), so an
+        envelope that arrived as bytes is neither copied into the Delivery nor encoded
+        again. Early replies are awaited through `on_early_reply`, in the order the
+        handler sent them, before the Result is returned. With a result timeout, a host
+        that sends no Result in time counts as unreachable.
         """
         requests = self._requests
         if requests is None:
@@ -142,7 +157,12 @@ class HandlerChannel:
         delivery.id = next(self._ids)
         events: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending[delivery.id] = events
-        requests.put_nowait(delivery.SerializeToString())
+        head = delivery.SerializeToString()
+        if message is None:
+            requests.put_nowait(_Request(len(head), (head,)))
+        else:
+            parts = (head, _MESSAGE_TAG, _varint(len(message)), message)
+            requests.put_nowait(_Request(sum(map(len, parts)), parts))
         try:
             async with asyncio.timeout(self._result_timeout) as deadline:
                 return await _result(events, on_early_reply)
@@ -243,7 +263,7 @@ class HandlerChannel:
         None: the host has no ProcessBatch; the next stream is a Process one.
         """
         assert self._channel is not None
-        requests: asyncio.Queue[bytes | None] = asyncio.Queue()
+        requests: asyncio.Queue[_Request | None] = asyncio.Queue()
         batched = self._batched
         if batched:
             stream = self._channel.stream_stream(
@@ -309,28 +329,28 @@ async def _result(
         await on_early_reply(item.early_reply)
 
 
-async def _one_by_one(requests: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+async def _one_by_one(requests: asyncio.Queue[_Request | None]) -> AsyncIterator[bytes]:
     """Process's request side: each serialized Delivery, in the order they were queued."""
-    while (delivery := await requests.get()) is not None:
-        yield delivery
+    while (request := await requests.get()) is not None:
+        yield b"".join(request.parts)
 
 
-async def _batches(requests: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+async def _batches(requests: asyncio.Queue[_Request | None]) -> AsyncIterator[bytes]:
     """ProcessBatch's request side: every Delivery queued so far, as one DeliveryBatch."""
-    held: list[bytes | None] = []  # what did not fit in the last batch (or the end)
+    held: list[_Request | None] = []  # what did not fit in the last batch (or the end)
     while True:
-        delivery = held.pop() if held else await requests.get()
-        if delivery is None:
+        request = held.pop() if held else await requests.get()
+        if request is None:
             return
-        parts = [_DELIVERIES_TAG, _varint(len(delivery)), delivery]
-        size = len(delivery)
+        parts = [_DELIVERIES_TAG, _varint(request.size), *request.parts]
+        size = request.size
         while not requests.empty():
             more = requests.get_nowait()
-            if more is None or size + len(more) > BATCH_BYTES:
+            if more is None or size + more.size > BATCH_BYTES:
                 held.append(more)
                 break
-            parts += (_DELIVERIES_TAG, _varint(len(more)), more)
-            size += len(more)
+            parts += (_DELIVERIES_TAG, _varint(more.size), *more.parts)
+            size += more.size
         yield b"".join(parts)
 
 

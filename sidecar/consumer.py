@@ -110,8 +110,10 @@ class Consumer:
         self.settings = settings
         self._js = js
         self._channel = channel
-        self._processor = MessageProcessor(settings, js, channel, max_payload)
         self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes)
+        self._processor = MessageProcessor(
+            settings, js, channel, max_payload, count_bytes=self._window.add_bytes
+        )
         self._max_payload = max_payload
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
@@ -160,7 +162,7 @@ class Consumer:
             return
         log.warning("nak'ing %d messages still unfinished after the grace period", len(records))
         for record in records:
-            metrics.MESSAGES.labels(outcome="abandoned").inc()
+            metrics.settled("abandoned").inc()
             with contextlib.suppress(*PUBLISH_ERRORS):
                 await record.msg.nak()
 

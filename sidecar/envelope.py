@@ -56,6 +56,11 @@ def gunzip(data: bytes, max_bytes: int) -> bytes:
 
 def decode_input(data: bytes, max_bytes: int) -> KreNatsMessage:
     """Parse an input message (gzipped or not) into a KreNatsMessage or raise BadInputError."""
+    return decode(data, max_bytes)[0]
+
+
+def decode(data: bytes, max_bytes: int) -> tuple[KreNatsMessage, bytes]:
+    """`decode_input`, and the envelope's plain bytes: `data` itself, or gunzipped."""
     if not data:
         raise BadInputError("empty message")
     if is_compressed(data):
@@ -69,7 +74,7 @@ def decode_input(data: bytes, max_bytes: int) -> KreNatsMessage:
         message.ParseFromString(data)
     except DecodeError as exc:
         raise BadInputError(f"not a KreNatsMessage protobuf: {exc}") from exc
-    return message
+    return message, data
 
 
 def rfc3339(moment: datetime) -> str:

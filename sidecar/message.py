@@ -86,8 +86,10 @@ class MessageProcessor:
         js: JetStreamContext,
         channel: HandlerChannel,
         max_payload: int | None = None,
+        count_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._count_bytes = count_bytes  # the window's byte count, when there is one
         self._js = js
         self._channel = channel
         self._max_payload = max_payload  # the NATS server's, headers included
@@ -101,7 +103,7 @@ class MessageProcessor:
         msg = record.msg
         logs.bind(_seq(msg), _attempt(msg))
         try:
-            facts, happened = await self._process(msg)
+            facts, happened = await self._process(record)
         except Exception as exc:
             # A bug here must not strand the message: it still gets exactly one ending.
             log.exception("unexpected error processing stream seq %d", _seq(msg))
@@ -116,6 +118,13 @@ class MessageProcessor:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=self._policy.backoff(facts.attempt))
 
+    def _count_plain_bytes(self, record: InFlight, plain: int) -> None:
+        """A gzipped input takes its gunzipped size in memory: count that in the window."""
+        extra = plain - record.size
+        if extra > 0 and self._count_bytes is not None:
+            record.size += extra
+            self._count_bytes(extra)
+
     async def _decide(self, happened: Happened, facts: Facts) -> Action:
         """`decide`, in a worker thread when it will gzip a big output (a pure function)."""
         size = (
@@ -125,28 +134,34 @@ class MessageProcessor:
         )
         return await _off_loop_if_big(size, decide, happened, facts, self._policy)
 
-    async def _process(self, msg: Msg) -> tuple[Facts, Happened]:
+    async def _process(self, record: InFlight) -> tuple[Facts, Happened]:
+        msg = record.msg
         attempt = _attempt(msg)
         _count_input(msg.data, attempt)
         try:
-            request = await _off_loop_if_big(
-                len(msg.data), envelope.decode_input, msg.data, self.settings.max_message_bytes
+            request, plain = await _off_loop_if_big(
+                len(msg.data), envelope.decode, msg.data, self.settings.max_message_bytes
             )
         except BadInputError as exc:
             return Facts(None, attempt), BadInput(exc.reason)
+        self._count_plain_bytes(record, len(plain))
         logs.tag(tracking_id=request.tracking_id, traceparent=_header(msg, "traceparent"))
         if attempt > self.settings.max_deliver:
             return Facts(request, attempt), Exhausted()
         if request.error:
             return Facts(request, attempt), UpstreamError()
+        # The envelope goes to the host as the bytes it came in (gunzipped), not re-encoded
+        # from `request`; nothing here reads the request's payload again, so it is dropped
+        # now rather than held in memory for as long as the handler runs.
+        request.ClearField("payload")
         delivery = runner_pb2.Delivery(
-            message=request,
             subject=msg.subject,
             stream_sequence=_seq(msg),
             attempt=attempt,
             headers=_passed_on(msg.headers),
         )
-        size, limit = delivery.ByteSize() + DELIVERY_ROOM, self.settings.grpc_max_message_bytes
+        size = delivery.ByteSize() + len(plain) + DELIVERY_ROOM
+        limit = self.settings.grpc_max_message_bytes
         if size > limit:
             # Sent anyway it would break the stream that every other message shares.
             reason = f"message is {size} bytes for the handler host, over the {limit} byte gRPC"
@@ -155,7 +170,7 @@ class MessageProcessor:
         started = datetime.now(UTC)
         try:
             with metrics.HANDLER_SECONDS.time():
-                result = await self._channel.call(delivery, replies.send)
+                result = await self._channel.call(delivery, replies.send, message=plain)
         except HandlerUnavailable as exc:
             happened: Happened = Unavailable(exc.reason)
         else:
@@ -185,10 +200,10 @@ class MessageProcessor:
         match action:
             case PublishThenAck(subject=subject, data=data):
                 await self.publish(subject, data, self.msg_id(msg))
-                metrics.PUBLISHED.labels(kind="output").inc()
+                metrics.published("output").inc()
             case PublishErrorThenAck(subject=subject, data=data):
                 await self.publish(subject, data, self.msg_id(msg))
-                metrics.PUBLISHED.labels(kind="error").inc()
+                metrics.published("error").inc()
             case DeadLetterAndTerm():
                 await self._dead_letter(msg, action, facts)
 
@@ -208,14 +223,14 @@ class MessageProcessor:
             action.dlq_subject, letter.data, timeout=PUBLISH_TIMEOUT, headers=letter.headers
         )
         if not ack.duplicate:
-            metrics.PUBLISHED.labels(kind="dead_letter").inc()
+            metrics.published("dead_letter").inc()
         if action.data:
             await self.publish(action.subject, action.data, self.msg_id(msg))
-            metrics.PUBLISHED.labels(kind="error").inc()
+            metrics.published("error").inc()
 
     async def _finish(self, record: InFlight, action: Action, facts: Facts) -> None:
         record.settled = True
-        metrics.MESSAGES.labels(outcome=action.outcome).inc()
+        metrics.settled(action.outcome).inc()
         msg, seq = record.msg, _seq(record.msg)
         try:
             match action:
@@ -298,7 +313,7 @@ class _EarlyReplies:
             self.failure = PublishFailed(f"early reply: {describe(exc)}")
         else:
             self.sent = True
-            metrics.PUBLISHED.labels(kind="early_reply").inc()
+            metrics.published("early_reply").inc()
 
 
 async def _pub_ack(pending: asyncio.Future[PubAck], timeout: float) -> PubAck:

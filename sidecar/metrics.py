@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES = Counter(
@@ -45,3 +47,15 @@ BYTES_IN = BYTES.labels(direction="in")
 BYTES_OUT = BYTES.labels(direction="out")
 DECOMPRESSED = COMPRESSIONS.labels(direction="decompressed")
 COMPRESSED = COMPRESSIONS.labels(direction="compressed")
+
+
+@functools.cache
+def published(kind: str) -> Counter:
+    """The PUBLISHED child for `kind`, looked up once per kind."""
+    return PUBLISHED.labels(kind=kind)
+
+
+@functools.cache
+def settled(outcome: str) -> Counter:
+    """The MESSAGES child for `outcome`, looked up once per outcome."""
+    return MESSAGES.labels(outcome=outcome)

@@ -288,13 +288,14 @@ async def test_an_older_host_without_process_batch_gets_process(
 
 
 async def test_queued_deliveries_go_out_as_one_batch_under_the_byte_cap() -> None:
-    requests: asyncio.Queue[bytes | None] = asyncio.Queue()
+    requests: asyncio.Queue[channel_module._Request | None] = asyncio.Queue()
     small = [delivery(f"s{i}") for i in range(3)]
     big = runner_pb2.Delivery(id=9, subject="x" * (channel_module.BATCH_BYTES - 100))
     for i, item in enumerate(small, start=1):
         item.id = i
     for item in (*small, big, small[0]):
-        requests.put_nowait(item.SerializeToString())
+        data = item.SerializeToString()
+        requests.put_nowait(channel_module._Request(len(data), (data,)))
     requests.put_nowait(None)
 
     batches = [
@@ -306,3 +307,27 @@ async def test_queued_deliveries_go_out_as_one_batch_under_the_byte_cap() -> Non
     # with what fits behind it; then the end of the queue ends the stream.
     assert [[d.id for d in b.deliveries] for b in batches] == [[1, 2, 3], [9, 1]]
     assert batches[0].deliveries[2] == small[2]
+
+
+async def test_an_envelope_given_as_bytes_arrives_as_the_delivery_message(
+    started: StartHost, address: str, channel: HandlerChannel
+) -> None:
+    seen: list[runner_pb2.Delivery] = []
+
+    async def record(d: runner_pb2.Delivery, emit: Emit) -> None:
+        seen.append(d)
+        await greet(d, emit)
+
+    host = await started(address, record)
+    envelope = KreNatsMessage(tracking_id="t-1", payload=packed("bytes"))
+    try:
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        header = runner_pb2.Delivery(subject="in", stream_sequence=7, attempt=2)
+        result = await channel.call(header, no_early_reply, message=envelope.SerializeToString())
+    finally:
+        await host.stop()
+
+    assert text_of(result.payload) == "hello bytes"
+    (got,) = seen
+    assert got.message == envelope
+    assert (got.subject, got.stream_sequence, got.attempt) == ("in", 7, 2)

@@ -70,3 +70,38 @@ async def test_big_payload_work_leaves_the_event_loop() -> None:
     loop_thread = threading.current_thread().name
     assert await _off_loop_if_big(OFF_LOOP_BYTES - 1, where) == loop_thread
     assert await _off_loop_if_big(OFF_LOOP_BYTES, where) != loop_thread
+
+
+async def test_a_gzipped_input_counts_its_gunzipped_size_and_reaches_the_host_whole() -> None:
+    import gzip
+
+    from google.protobuf import any_pb2, wrappers_pb2
+
+    from protos import runner_pb2
+    from protos.kre_nats_msg_pb2 import KreNatsMessage
+
+    payload = any_pb2.Any()
+    payload.Pack(wrappers_pb2.BytesValue(value=b"abc" * 100_000))
+    envelope = KreNatsMessage(tracking_id="t-1", payload=payload)
+    plain = envelope.SerializeToString()
+    msg = RecordingMsg()
+    msg.data = gzip.compress(plain)
+    counted: list[int] = []
+    sent: list[runner_pb2.Delivery] = []
+
+    class Channel:
+        async def call(self, delivery: runner_pb2.Delivery, on_early: Any, message: bytes) -> Any:
+            delivery.message.ParseFromString(message)
+            sent.append(delivery)
+            return runner_pb2.Result()  # the handler returned None
+
+    settings = SidecarSettings.from_env(ENV)
+    processor = MessageProcessor(settings, js=None, channel=Channel(), count_bytes=counted.append)  # type: ignore[arg-type]
+    record = InFlight(msg, size=len(msg.data))
+
+    facts, _ = await processor._process(record)
+
+    assert record.size == len(plain)  # what the window gives back when the message ends
+    assert counted == [len(plain) - len(msg.data)]
+    assert sent[0].message == envelope  # the whole envelope, payload included
+    assert facts.tracking_id == "t-1"

@@ -32,7 +32,7 @@ def test_defaults() -> None:
     assert s.durable == "node-a"
     assert s.handler_address == DEFAULT_HANDLER_ADDRESS == "unix:///var/run/kre/handler.sock"
     assert s.max_in_flight == 64
-    assert s.max_in_flight_bytes == 32 * 1024 * 1024
+    assert s.max_in_flight_bytes == 8 * 1024 * 1024
     assert (s.http_host, s.http_port) == ("0.0.0.0", 8080)
     assert s.max_payload_bytes == 1024 * 1024
     assert s.max_message_bytes == 64 * 1024 * 1024
