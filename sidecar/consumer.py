@@ -115,6 +115,9 @@ class Consumer:
             settings, js, channel, max_payload, count_bytes=self._window.add_bytes
         )
         self._max_payload = max_payload
+        # What a message is expected to weigh, for sizing fetches under the byte budget:
+        # the largest recent one (max_payload until the first arrives; see _count_size).
+        self._size_hint = max_payload or 0
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
         self._task: asyncio.Task[None] | None = None
@@ -214,17 +217,24 @@ class Consumer:
     def _batch(self, slots: int) -> int:
         """How many messages to ask for: the free slots, within the byte limits.
 
-        nats-py's `fetch` cannot send a pull request's `max_bytes`, so every message is
-        counted at the server's max_payload: one fetch brings at most FETCH_MAX_BYTES,
-        and at most the room left under the byte budget (at least one message, so a
-        budget below max_payload still moves).
+        nats-py's `fetch` cannot send a pull request's `max_bytes`, so sizes are
+        estimated. What the server may push in one go is counted at its max_payload:
+        at most FETCH_MAX_BYTES. The room left under the byte budget is counted at the
+        size of recent messages (`_size_hint`): counted at max_payload too, a budget of
+        a few MiB would fetch 100-byte messages a few at a time. A jump in size can then
+        overshoot the budget by one fetch; the hint follows the jump at once. At least
+        one message, so a budget below max_payload still moves.
         """
         if not self._max_payload:
             return slots
-        room = FETCH_MAX_BYTES
+        count = min(slots, FETCH_MAX_BYTES // self._max_payload)
         if self._window.bytes_free is not None:
-            room = min(room, self._window.bytes_free)
-        return max(1, min(slots, room // self._max_payload))
+            count = min(count, self._window.bytes_free // max(self._size_hint, 1))
+        return max(1, count)
+
+    def _count_size(self, size: int) -> None:
+        """Up at once to a bigger message; down by 1/16 per smaller one (half-life ~11)."""
+        self._size_hint = max(size, self._size_hint - self._size_hint // 16)
 
     async def _unless_stopping(self, awaitable: Awaitable[T]) -> T | None:
         """Await `awaitable` unless stop() comes first; None when stopping."""
@@ -357,6 +367,7 @@ class Consumer:
 
     def _start(self, msg: Msg) -> None:
         record = InFlight(msg, size=len(msg.data))
+        self._count_size(record.size)
         self._window.add_bytes(record.size)
         task = asyncio.create_task(self._processor.handle(record))
         self._in_flight[task] = record

@@ -103,6 +103,39 @@ async def test_small_messages_fill_the_message_window_over_several_fetches() -> 
         await held.consumer.stop(1)
 
 
+async def test_fetches_grow_once_small_messages_are_seen() -> None:
+    # Counted at max_payload the budget would allow 1000 // 300 = 3 per fetch forever;
+    # the size of the messages seen takes over within a few fetches.
+    messages = [FakeMsg(10, f"m{i}") for i in range(50)]
+    held = HeldConsumer(messages, max_payload=300, max_in_flight=50)
+    held.consumer.start()
+    try:
+        await eventually(lambda: len(held.in_flight) == 50)
+        assert held.sub.batches[0] == 3
+        assert max(held.sub.batches) > 3, held.sub.batches
+        assert held.consumer.bytes_in_flight == 500
+    finally:
+        held.release.set()
+        await held.consumer.stop(1)
+
+
+async def test_the_size_hint_jumps_up_at_once_and_comes_down_slowly() -> None:
+    consumer = Consumer(
+        SETTINGS,
+        FakeJs(ServingSub([])),  # type: ignore[arg-type]
+        ReadyChannel(),  # type: ignore[arg-type]
+        max_payload=1600,
+    )
+    assert consumer._size_hint == 1600  # nothing seen yet: the worst case
+    consumer._count_size(100)
+    assert consumer._size_hint == 1500
+    consumer._count_size(1550)
+    assert consumer._size_hint == 1550
+    for _ in range(200):
+        consumer._count_size(100)
+    assert consumer._size_hint == 100
+
+
 async def test_one_fetch_never_asks_for_more_than_fetch_max_bytes() -> None:
     consumer = Consumer(
         replace(SETTINGS, max_in_flight=1000, max_in_flight_bytes=10**12),
