@@ -31,8 +31,8 @@ from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
 
-# An EventBatch stops taking events at this size; far below any gRPC message limit.
-BATCH_BYTES = 4 * 1024 * 1024
+# An EventBatch stops taking events at this size (the sidecar's DeliveryBatch limit too).
+BATCH_BYTES = 1024 * 1024
 # An Event's delivery id and framing, on top of its payload.
 EVENT_ROOM = 16
 
