@@ -43,6 +43,9 @@ class Case:
     mode: Mode
     latency_count: int = 0  # a one-at-a-time pass on the same node after the backlog
     baseline: bool = False
+    # Also the loop that awaits each PubAck before the next publish: the kind of loop
+    # behind issue 5's "about 3,500 msgs/s", shown for reference (no target uses it).
+    each_ack_baseline: bool = False
 
     @property
     def label(self) -> str:
@@ -57,13 +60,13 @@ class Case:
 
 
 FULL = (
-    Case("a", "100 B, all at once", 100, 5000, Mode.BACKLOG, baseline=True),
+    Case("a", "100 B, all at once", 100, 5000, Mode.BACKLOG, baseline=True, each_ack_baseline=True),
     Case("b", "100 B, one at a time", 100, 1000, Mode.ONE_AT_A_TIME),
     Case("c", "100 KB", 100 * KIB, 1000, Mode.BACKLOG, latency_count=200, baseline=True),
     Case("d", "2 MB, gzip path", 2 * MIB, 100, Mode.BACKLOG, latency_count=20),
 )
 QUICK = (
-    Case("a", "100 B, all at once", 100, 500, Mode.BACKLOG, baseline=True),
+    Case("a", "100 B, all at once", 100, 500, Mode.BACKLOG, baseline=True, each_ack_baseline=True),
     Case("b", "100 B, one at a time", 100, 100, Mode.ONE_AT_A_TIME),
     Case("c", "100 KB", 100 * KIB, 100, Mode.BACKLOG, latency_count=20, baseline=True),
     Case("d", "2 MB, gzip path", 2 * MIB, 10, Mode.BACKLOG, latency_count=5),

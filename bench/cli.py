@@ -95,6 +95,8 @@ def render(rows: list[report.Row], header: list[str]) -> str:
         parts.append(
             "split / baseline: " + ", ".join(f"({k}) {v:.2f}" for k, v in sorted(ratios.items()))
         )
+    parts += report.references(rows)
+    if ratios or report.references(rows):
         parts.append("")
     busy = report.disturbed(rows)
     if busy:

@@ -15,7 +15,7 @@ ORIGINAL_RUNNER_100KB = 409.0  # msgs/s, the KRE Python runner on this kind of m
 @dataclass
 class Row:
     case: Case
-    impl: str  # "split" or "baseline"
+    impl: str  # "split", "baseline" or "each-ack" (the loop awaiting each PubAck)
     count: int
     wire_bytes: int
     tally: Tally
@@ -103,6 +103,26 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         if base is not None and base.rate:
             found[row.case.key] = row.rate / base.rate
     return found
+
+
+ORIGINAL_RUNNER_100B = 750.0  # msgs/s, (a) for the KRE Python runner, as issue 5 quotes it
+
+
+def references(rows: list[Row]) -> list[str]:
+    """(a) against the slower loop and the original runner: context, not targets."""
+    split = next((r for r in rows if r.impl == "split" and r.case.key == "a"), None)
+    if split is None or not split.rate:
+        return []
+    lines = [
+        f"(a) split / original KRE runner (750 msgs/s): {split.rate / ORIGINAL_RUNNER_100B:.1f}x"
+    ]
+    each = next((r for r in rows if r.impl == "each-ack" and r.case.key == "a"), None)
+    if each is not None and each.rate:
+        lines.append(
+            f"(a) split / bare loop awaiting each PubAck (issue 5's ~3,500 msgs/s loop): "
+            f"{split.rate / each.rate:.2f}"
+        )
+    return lines
 
 
 def targets(rows: list[Row]) -> list[Target]:

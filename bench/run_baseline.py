@@ -29,9 +29,11 @@ from bench.stream import (
 from deploy.local.procs import stop_process
 
 DURABLE = "bare"
+EACH_ACK = "each-ack"  # the impl name of the loop that awaits each PubAck
 
 
-async def run_baseline(setup: Setup, case: Case) -> Row:
+async def run_baseline(setup: Setup, case: Case, each_ack: bool = False) -> Row:
+    """The bare loop; `each_ack`: the one that awaits each PubAck (impl "each-ack")."""
     stream = f"bench-{case.key}-bare-{uuid.uuid4().hex[:8]}"
     config = setup.node_config(stream)  # only for its subject names
     await fresh_stream(setup.js, stream, config.subjects)
@@ -51,6 +53,7 @@ async def run_baseline(setup: Setup, case: Case) -> Row:
             f"--durable={DURABLE}",
             f"--count={case.count}",
             f"--timeout={timeout}",
+            *(["--each-ack"] if each_ack else []),
         ]
         proc = _spawn(cmd)
         pids = {"loop": proc.pid}
@@ -73,7 +76,7 @@ async def run_baseline(setup: Setup, case: Case) -> Row:
     rate, end = drain_rate(outputs, started)
     return Row(
         case=case,
-        impl="baseline",
+        impl=EACH_ACK if each_ack else "baseline",
         count=case.count,
         wire_bytes=work.wire_bytes(),
         tally=tally(work.expected, outputs),

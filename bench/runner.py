@@ -14,7 +14,7 @@ from google.protobuf.internal import api_implementation
 
 from bench.cases import Case, Mode
 from bench.report import Row
-from bench.run_baseline import run_baseline
+from bench.run_baseline import EACH_ACK, run_baseline
 from bench.run_split import Setup, run_split
 from bench.stream import Tally
 from deploy.local.client import connect
@@ -51,12 +51,16 @@ async def run(options: Options, report: bool = True) -> list[Row]:
 
 async def _case_rows(setup: Setup, case: Case, options: Options, report: bool) -> list[Row]:
     base: list[Row] = []
+    each: list[Row] = []
     split: list[Row] = []
     for _ in range(options.repeat):
         if case.baseline and options.baseline:
             base.append(await _step(run_baseline(setup, case), case, "baseline", report))
+        if case.each_ack_baseline and options.baseline:
+            run = run_baseline(setup, case, each_ack=True)
+            each.append(await _step(run, case, EACH_ACK, report))
         split.append(await _step(run_split(setup, case), case, "split", report))
-    return [median_row(found) for found in (base, split) if found]
+    return [median_row(found) for found in (base, each, split) if found]
 
 
 def median_row(runs: list[Row]) -> Row:
