@@ -29,11 +29,19 @@ def test_quick_bench_prints_the_table_and_loses_nothing(tmp_path: Path) -> None:
     )
     printed = proc.stdout + proc.stderr
     assert proc.returncode == 0, printed
-    for text in ("msgs/s", "p50 ms", "sidecar RSS CPU", "split / baseline:", "targets (issue 5):"):
+    for text in (
+        "msgs/s",
+        "p50 ms",
+        "sidecar RSS CPU",
+        "split / baseline:",
+        "targets (issue 5):",
+        "awaiting each PubAck",
+    ):
         assert text in printed, printed
     rows = json.loads(out.read_text())
     assert {(r["case"]["key"], r["impl"]) for r in rows} == {
         ("a", "baseline"),
+        ("a", "each-ack"),
         ("a", "split"),
         ("b", "split"),
         ("c", "baseline"),
