@@ -5,10 +5,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 import nats.errors
+
+from sidecar.settings import SidecarSettings
+
+
+def consumer_settings(**overrides: Any) -> SidecarSettings:
+    """Settings for a consumer under test: no real server behind them."""
+    base = SidecarSettings(
+        node_name="n",
+        nats_servers=("nats://127.0.0.1:1",),
+        nats_inputs=("in",),
+        nats_output="out",
+        nats_stream="S",
+        durable="n",
+    )
+    return replace(base, **overrides)
 
 
 class FakeMsg:

@@ -9,21 +9,18 @@ import pytest
 
 from sidecar.consumer import FETCH_MAX_BYTES, Consumer
 from sidecar.message import InFlight
-from sidecar.settings import SidecarSettings
-from tests.unit.fake_jetstream import FakeJs, FakeMsg, ReadyChannel, ServingSub, eventually
+from tests.unit.fake_jetstream import (
+    FakeJs,
+    FakeMsg,
+    ReadyChannel,
+    ServingSub,
+    consumer_settings,
+    eventually,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
-SETTINGS = SidecarSettings(
-    node_name="n",
-    nats_servers=("nats://127.0.0.1:1",),
-    nats_inputs=("in",),
-    nats_output="out",
-    nats_stream="S",
-    durable="n",
-    max_in_flight=8,
-    max_in_flight_bytes=1000,
-)
+SETTINGS = consumer_settings(max_in_flight=8, max_in_flight_bytes=1000)
 
 
 class HeldConsumer:

@@ -11,21 +11,19 @@ import pytest
 
 from sidecar.consumer import Consumer, due_for_in_progress
 from sidecar.message import InFlight
-from sidecar.settings import SidecarSettings
-from tests.unit.fake_jetstream import FakeJs, FakeMsg, ReadyChannel, ServingSub, eventually
+from tests.unit.fake_jetstream import (
+    FakeJs,
+    FakeMsg,
+    ReadyChannel,
+    ServingSub,
+    consumer_settings,
+    eventually,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
 ACK_WAIT = 1.2  # long enough that a busy machine cannot stretch a gap past it
-SETTINGS = SidecarSettings(
-    node_name="n",
-    nats_servers=("nats://127.0.0.1:1",),
-    nats_inputs=("in",),
-    nats_output="out",
-    nats_stream="S",
-    durable="n",
-    ack_wait=ACK_WAIT,
-)
+SETTINGS = consumer_settings(ack_wait=ACK_WAIT)
 
 
 def test_due_are_the_unsettled_records_silent_since_the_given_time() -> None:

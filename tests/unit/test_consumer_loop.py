@@ -12,19 +12,11 @@ import pytest
 
 from sidecar import consumer as consumer_module
 from sidecar.consumer import Consumer
-from sidecar.settings import SidecarSettings
+from tests.unit.fake_jetstream import consumer_settings
 
 pytestmark = pytest.mark.timeout(20)
 
-SETTINGS = SidecarSettings(
-    node_name="n",
-    nats_servers=("nats://127.0.0.1:1",),
-    nats_inputs=("in",),
-    nats_output="out",
-    nats_stream="S",
-    durable="n",
-    max_in_flight=8,
-)
+SETTINGS = consumer_settings(max_in_flight=8)
 
 
 class FakeSub:
