@@ -26,15 +26,14 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 
-from handler_host.dispatch import Dispatcher, failure_of
+from handler_host.dispatch import EVENT_ROOM, Dispatcher, failure_of
 from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
 
-# An EventBatch stops taking events at this size (the sidecar's DeliveryBatch limit too).
+# An EventBatch stops taking events at this size (the sidecar's DeliveryBatch limit too),
+# or below KRT_GRPC_MAX_MESSAGE_BYTES when that is smaller.
 BATCH_BYTES = 1024 * 1024
-# An Event's delivery id and framing, on top of its payload.
-EVENT_ROOM = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +54,8 @@ class _Reply:
         return EVENT_ROOM + (body.ByteSize() if body is not None else 0)
 
     def add_to(self, batch: runner_pb2.EventBatch) -> None:
-        # Built in place: appending a finished Event would copy it (payload included).
+        # Built in place, the payload copied once (appending a finished Event would copy
+        # the Event, payload included, a second time).
         event = batch.events.add(delivery_id=self.delivery_id)
         if self.result is not None:
             event.result.CopyFrom(self.result)
@@ -84,10 +84,12 @@ class ProcessStream:
         context: grpc.aio.ServicerContext,
         *,
         batched: bool = False,
+        max_batch_bytes: int = BATCH_BYTES,
     ) -> None:
         self._dispatcher = dispatcher
         self._context = context
         self._batched = batched
+        self._max_batch_bytes = max_batch_bytes
         self._queue: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
@@ -95,8 +97,12 @@ class ProcessStream:
         self._draining = False
         self._deliveries = 0
 
+    @property
+    def _kind(self) -> str:
+        return "ProcessBatch" if self._batched else "Process"
+
     async def run(self, requests: AsyncIterator[_Request]) -> None:
-        kind = "ProcessBatch" if self._batched else "Process"
+        kind = self._kind
         logger.info("%s stream opened by %s", kind, self._context.peer())
         reader = asyncio.create_task(self._read(requests))
         try:
@@ -139,7 +145,7 @@ class ProcessStream:
         size = 0
         while self._queue and isinstance(reply := self._queue[0], _Reply):
             reply_size = reply.size()
-            if size and size + reply_size > BATCH_BYTES:
+            if size and size + reply_size > self._max_batch_bytes:
                 break
             size += reply_size
             reply.add_to(batch)
@@ -202,7 +208,8 @@ class ProcessStream:
         tasks = [reader, *self._in_flight.values()]
         if len(tasks) > 1:
             logger.warning(
-                "Process stream ended with %d deliveries unanswered: they are cancelled",
+                "%s stream ended with %d deliveries unanswered: they are cancelled",
+                self._kind,
                 len(tasks) - 1,
             )
         for task in tasks:

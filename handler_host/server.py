@@ -25,7 +25,7 @@ from handler_host.errors import BindError
 from handler_host.loader import UserCode
 from handler_host.logs import with_call_metadata
 from handler_host.metrics import ObservedDispatcher
-from handler_host.process import ProcessStream
+from handler_host.process import BATCH_BYTES, ProcessStream
 from handler_host.settings import HostSettings
 from protos import runner_pb2, runner_pb2_grpc
 
@@ -44,8 +44,9 @@ class HandlerHostServicer(runner_pb2_grpc.HandlerHostServicer):
     are not ours (a client's health Watch).
     """
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, max_message_bytes: int = BATCH_BYTES) -> None:
         self._dispatcher = dispatcher
+        self._max_batch_bytes = min(BATCH_BYTES, max_message_bytes)
         self._streams: set[ProcessStream] = set()
         self._draining = False
         self._calls = 0
@@ -92,7 +93,9 @@ class HandlerHostServicer(runner_pb2_grpc.HandlerHostServicer):
             # Headers at once: the sidecar knows the host took the stream (a host
             # without ProcessBatch answers UNIMPLEMENTED instead).
             await context.send_initial_metadata(())
-            stream = ProcessStream(self._dispatcher, context, batched=batched)
+            stream = ProcessStream(
+                self._dispatcher, context, batched=batched, max_batch_bytes=self._max_batch_bytes
+            )
             self._streams.add(stream)
             try:
                 await stream.run(requests)
@@ -223,7 +226,7 @@ async def start_server(settings: HostSettings, user_code: UserCode, context: Con
         max_message_bytes=settings.grpc_max_message_bytes,
         threads=settings.handler_threads,
     )
-    servicer = HandlerHostServicer(dispatcher)
+    servicer = HandlerHostServicer(dispatcher, settings.grpc_max_message_bytes)
     health = health_aio.HealthServicer()
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

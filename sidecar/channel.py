@@ -103,7 +103,7 @@ class HandlerChannel:
 
     @property
     def ready(self) -> bool:
-        """SERVING and the Process stream is open: calls can be made."""
+        """SERVING and the handler stream is open: calls can be made."""
         return self._ready.is_set()
 
     @property
@@ -206,7 +206,7 @@ class HandlerChannel:
         else:
             self._ready.clear()
             serving = self._serving.is_set()
-            self.status = "Process stream not open" if serving else (why or "not serving")
+            self.status = "handler stream not open" if serving else (why or "not serving")
 
     async def _follow_health(self) -> None:
         assert self._channel is not None
@@ -240,7 +240,7 @@ class HandlerChannel:
                 return "switching to health Check polling", True
             return _rpc_reason(exc), heard
 
-    # The Process stream
+    # The ProcessBatch (or Process) stream
 
     async def _keep_stream(self) -> None:
         delay = MIN_BACKOFF
@@ -272,7 +272,7 @@ class HandlerChannel:
                 PROCESS_BATCH,
                 request_serializer=_as_is,
                 response_deserializer=runner_pb2.EventBatch.FromString,
-            )(_batches(requests))
+            )(_batches(requests, min(BATCH_BYTES, self._max_message_bytes)))
         else:
             stream = self._channel.stream_stream(
                 PROCESS,
@@ -283,10 +283,11 @@ class HandlerChannel:
             if batched:
                 # The host sends its headers at once when it takes the stream.
                 await stream.initial_metadata()
-                if stream.done() and await stream.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    self._batched = False
-                    log.info("the handler host has no ProcessBatch (an older image): using Process")
-                    return None
+                if stream.done():  # refused: UNIMPLEMENTED from an older host, or shutting down
+                    code = await stream.code()
+                    if code == grpc.StatusCode.UNIMPLEMENTED:
+                        return self._use_process()
+                    return f"{code.name}: {await stream.details()}"
             self._requests = requests
             self._update_ready()
             log.info("%s stream to the handler host opened", _method_name(batched))
@@ -298,12 +299,18 @@ class HandlerChannel:
                     self._route(item)
             return "the handler host ended the stream"
         except grpc.aio.AioRpcError as exc:
+            if batched and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return self._use_process()
             return _rpc_reason(exc)
         finally:
             self._requests = None
             self._update_ready("stream closed")
             requests.put_nowait(None)
             stream.cancel()
+
+    def _use_process(self) -> None:
+        self._batched = False
+        log.info("the handler host has no ProcessBatch (an older image): using Process")
 
     def _route(self, event: runner_pb2.Event) -> None:
         events = self._pending.get(event.delivery_id)
@@ -337,23 +344,34 @@ async def _one_by_one(requests: asyncio.Queue[_Request | None]) -> AsyncIterator
         yield b"".join(request.parts)
 
 
-async def _batches(requests: asyncio.Queue[_Request | None]) -> AsyncIterator[bytes]:
-    """ProcessBatch's request side: every Delivery queued so far, as one DeliveryBatch."""
+async def _batches(
+    requests: asyncio.Queue[_Request | None], cap: int = BATCH_BYTES
+) -> AsyncIterator[bytes]:
+    """ProcessBatch's request side: every Delivery queued so far, as one DeliveryBatch.
+
+    A batch stops before it would pass `cap` bytes, framing included; one Delivery alone
+    may be bigger (the caller checked it against the gRPC limit).
+    """
     held: list[_Request | None] = []  # what did not fit in the last batch (or the end)
     while True:
         request = held.pop() if held else await requests.get()
         if request is None:
             return
         parts = [_DELIVERIES_TAG, _varint(request.size), *request.parts]
-        size = request.size
+        size = _framed_size(request)
         while not requests.empty():
             more = requests.get_nowait()
-            if more is None or size + more.size > BATCH_BYTES:
+            if more is None or size + _framed_size(more) > cap:
                 held.append(more)
                 break
             parts += (_DELIVERIES_TAG, _varint(more.size), *more.parts)
-            size += more.size
+            size += _framed_size(more)
         yield b"".join(parts)
+
+
+def _framed_size(request: _Request) -> int:
+    """A Delivery's bytes in a DeliveryBatch: its tag, its length, itself."""
+    return 1 + len(_varint(request.size)) + request.size
 
 
 def _method_name(batched: bool) -> str:

@@ -112,7 +112,7 @@ class Consumer:
         self._channel = channel
         self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes)
         self._processor = MessageProcessor(
-            settings, js, channel, max_payload, count_bytes=self._window.add_bytes
+            settings, js, channel, max_payload, on_decoded=self._decoded
         )
         self._max_payload = max_payload
         # What a message is expected to weigh, for sizing fetches under the byte budget:
@@ -373,6 +373,14 @@ class Consumer:
         self._in_flight[task] = record
         metrics.IN_FLIGHT.inc()
         task.add_done_callback(self._finished)
+
+    def _decoded(self, record: InFlight, plain: int) -> None:
+        """A gzipped input takes its gunzipped size in memory: count that, and expect it."""
+        extra = plain - record.size
+        if extra > 0:
+            record.size += extra
+            self._window.add_bytes(extra)
+            self._count_size(plain)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         record = self._in_flight.pop(task, None)

@@ -22,7 +22,6 @@ import nats.errors
 from google.protobuf import any_pb2, timestamp_pb2
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
@@ -86,10 +85,11 @@ class MessageProcessor:
         js: JetStreamContext,
         channel: HandlerChannel,
         max_payload: int | None = None,
-        count_bytes: Callable[[int], None] | None = None,
+        on_decoded: Callable[[InFlight, int], None] | None = None,
     ) -> None:
         self.settings = settings
-        self._count_bytes = count_bytes  # the window's byte count, when there is one
+        # Told each input's decoded (gunzipped) size: the consumer's byte accounting.
+        self._on_decoded = on_decoded
         self._js = js
         self._channel = channel
         self._max_payload = max_payload  # the NATS server's, headers included
@@ -118,13 +118,6 @@ class MessageProcessor:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=self._policy.backoff(facts.attempt))
 
-    def _count_plain_bytes(self, record: InFlight, plain: int) -> None:
-        """A gzipped input takes its gunzipped size in memory: count that in the window."""
-        extra = plain - record.size
-        if extra > 0 and self._count_bytes is not None:
-            record.size += extra
-            self._count_bytes(extra)
-
     async def _decide(self, happened: Happened, facts: Facts) -> Action:
         """`decide`, in a worker thread when it will gzip a big output (a pure function)."""
         size = (
@@ -144,7 +137,8 @@ class MessageProcessor:
             )
         except BadInputError as exc:
             return Facts(None, attempt), BadInput(exc.reason)
-        self._count_plain_bytes(record, len(plain))
+        if self._on_decoded is not None:
+            self._on_decoded(record, len(plain))
         logs.tag(tracking_id=request.tracking_id, traceparent=_header(msg, "traceparent"))
         if attempt > self.settings.max_deliver:
             return Facts(request, attempt), Exhausted()
@@ -271,8 +265,12 @@ class MessageProcessor:
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish through JetStream and wait for the PubAck (Nats-Msg-Id dedups retries)."""
         with metrics.PUBLISH_SECONDS.time():
-            pending = await self._js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
-            ack = await _pub_ack(pending, PUBLISH_TIMEOUT)
+            # js.publish, not publish_async: nats-py 2.16's publish_async keeps a slot of
+            # its pending-PubAck semaphore when the publish itself raises (a closed or
+            # reconnecting connection), and enough of those stall every later publish.
+            ack = await self._js.publish(
+                subject, data, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
+            )
         metrics.BYTES_OUT.inc(len(data))
         if envelope.is_compressed(data):
             metrics.COMPRESSED.inc()
@@ -314,25 +312,6 @@ class _EarlyReplies:
         else:
             self.sent = True
             metrics.published("early_reply").inc()
-
-
-async def _pub_ack(pending: asyncio.Future[PubAck], timeout: float) -> PubAck:
-    """Await a `publish_async` PubAck; nats.errors.TimeoutError after `timeout` seconds.
-
-    `js.publish` would wrap each request in `wait_for` (a waiter future and a task
-    switch per message); a timer that fails the future costs one handle. The future's
-    own done-callback releases its place in nats-py's table of pending PubAcks.
-    """
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, pending)
-    try:
-        return await pending
-    finally:
-        timer.cancel()
-
-
-def _expire(pending: asyncio.Future[PubAck]) -> None:
-    if not pending.done():
-        pending.set_exception(nats.errors.TimeoutError())
 
 
 def _from_result(result: runner_pb2.Result, started: datetime, ended: datetime) -> Happened:

@@ -348,6 +348,38 @@ async def test_process_batch_writes_ready_results_together(tmp_path: Path) -> No
     assert len(replies) < CONCURRENT, sizes  # far fewer stream messages than events
 
 
+GATED_ECHO = """
+import asyncio
+
+async def handler(ctx, data):
+    if ctx.get("all_inside") is None:
+        ctx.set("all_inside", asyncio.Event())
+        ctx.set("inside", 0)
+    ctx.set("inside", ctx.get("inside") + 1)
+    if ctx.get("inside") == 8:
+        ctx.get("all_inside").set()
+    await asyncio.wait_for(ctx.get("all_inside").wait(), 60)
+    return data
+"""
+
+
+async def test_event_batches_stay_under_the_grpc_message_limit(tmp_path: Path) -> None:
+    # 8 results of 40 KB ready at once, a 200 KB limit: they cannot go in one EventBatch.
+    limit = 200_000
+    items = deliveries([str(n) * 40_000 for n in range(8)])
+    batches = [
+        runner_pb2.DeliveryBatch(deliveries=items[:4]),
+        runner_pb2.DeliveryBatch(deliveries=items[4:]),
+    ]
+    handler = write_handler(tmp_path, GATED_ECHO)
+    async with serve_handler(handler, grpc_max_message_bytes=limit) as client:
+        replies = [reply async for reply in client.stub.ProcessBatch(_aiter(batches))]
+
+    assert sorted(e.delivery_id for r in replies for e in r.events) == list(range(1, 9))
+    assert all(reply.ByteSize() <= limit for reply in replies)
+    assert len(replies) < 8  # still batched
+
+
 async def test_unix_socket_with_a_stale_socket_file(tmp_path: Path) -> None:
     socket_path = tmp_path / "run" / "handler.sock"
     socket_path.parent.mkdir()

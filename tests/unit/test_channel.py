@@ -331,3 +331,44 @@ async def test_an_envelope_given_as_bytes_arrives_as_the_delivery_message(
     (got,) = seen
     assert got.message == envelope
     assert (got.subject, got.stream_sequence, got.attempt) == ("in", 7, 2)
+
+
+async def test_batches_stay_under_the_grpc_message_limit(started: StartHost, address: str) -> None:
+    # 16 deliveries whose bytes just fit in the 1 MiB limit, but not with their framing.
+    limit = 1024 * 1024
+    chan = HandlerChannel(address, max_message_bytes=limit)
+    await chan.start()
+    host = await started(address)
+
+    def sized(n: int) -> runner_pb2.Delivery:
+        """limit / 16 bytes once the channel has set its id (2 bytes: id < 128)."""
+        item = runner_pb2.Delivery(id=n + 1, subject="in", attempt=1)
+        item.message.payload.CopyFrom(packed(f"{n:02d}"))
+        item.message.tracking_id = "x" * (limit // 16 - item.ByteSize())
+        while item.ByteSize() > limit // 16:
+            item.message.tracking_id = item.message.tracking_id[: limit // 16 - item.ByteSize()]
+        return item
+
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        calls = [sized(n) for n in range(16)]
+        assert 16 * calls[0].ByteSize() == limit  # one byte of framing each is too much
+        results = await asyncio.gather(*(chan.call(d, no_early_reply) for d in calls))
+    finally:
+        await host.stop()
+        await chan.close()
+
+    assert [text_of(r.payload) for r in results] == [f"hello {n:02d}" for n in range(16)]
+
+
+async def test_a_batch_counts_the_framing_of_each_delivery() -> None:
+    requests: asyncio.Queue[channel_module._Request | None] = asyncio.Queue()
+    for n in range(10):
+        data = runner_pb2.Delivery(id=n + 1, subject="s" * 200).SerializeToString()
+        requests.put_nowait(channel_module._Request(len(data), (data,)))
+    requests.put_nowait(None)
+    cap = 1000
+
+    sizes = [len(data) async for data in channel_module._batches(requests, cap)]
+
+    assert sum(sizes) > cap and all(size <= cap for size in sizes), sizes

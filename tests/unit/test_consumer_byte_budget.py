@@ -142,3 +142,22 @@ async def test_one_fetch_never_asks_for_more_than_fetch_max_bytes() -> None:
     )
     assert consumer._batch(1000) == FETCH_MAX_BYTES // (1024 * 1024)
     assert consumer._batch(3) == 3
+
+
+def test_a_gunzipped_input_is_counted_and_expected_at_its_gunzipped_size() -> None:
+    consumer = Consumer(
+        SETTINGS,
+        FakeJs(ServingSub([])),  # type: ignore[arg-type]
+        ReadyChannel(),  # type: ignore[arg-type]
+        max_payload=300,
+    )
+    record = InFlight(FakeMsg(100), size=100)  # type: ignore[arg-type]
+    consumer._window.add_bytes(record.size)
+    for _ in range(100):
+        consumer._count_size(100)  # a run of small messages: fetches sized for those
+
+    consumer._decoded(record, 900)
+
+    assert record.size == 900  # what the window gives back when the message ends
+    assert consumer.bytes_in_flight == 900
+    assert consumer._size_hint == 900  # the next fetch expects inputs that big

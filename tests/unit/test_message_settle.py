@@ -72,7 +72,7 @@ async def test_big_payload_work_leaves_the_event_loop() -> None:
     assert await _off_loop_if_big(OFF_LOOP_BYTES, where) != loop_thread
 
 
-async def test_a_gzipped_input_counts_its_gunzipped_size_and_reaches_the_host_whole() -> None:
+async def test_a_gzipped_input_reports_its_gunzipped_size_and_reaches_the_host_whole() -> None:
     import gzip
 
     from google.protobuf import any_pb2, wrappers_pb2
@@ -86,7 +86,7 @@ async def test_a_gzipped_input_counts_its_gunzipped_size_and_reaches_the_host_wh
     plain = envelope.SerializeToString()
     msg = RecordingMsg()
     msg.data = gzip.compress(plain)
-    counted: list[int] = []
+    decoded: list[int] = []
     sent: list[runner_pb2.Delivery] = []
 
     class Channel:
@@ -96,12 +96,16 @@ async def test_a_gzipped_input_counts_its_gunzipped_size_and_reaches_the_host_wh
             return runner_pb2.Result()  # the handler returned None
 
     settings = SidecarSettings.from_env(ENV)
-    processor = MessageProcessor(settings, js=None, channel=Channel(), count_bytes=counted.append)  # type: ignore[arg-type]
+    processor = MessageProcessor(
+        settings,
+        js=None,  # type: ignore[arg-type]
+        channel=Channel(),  # type: ignore[arg-type]
+        on_decoded=lambda record, size: decoded.append(size),
+    )
     record = InFlight(msg, size=len(msg.data))
 
     facts, _ = await processor._process(record)
 
-    assert record.size == len(plain)  # what the window gives back when the message ends
-    assert counted == [len(plain) - len(msg.data)]
+    assert decoded == [len(plain)]  # the consumer counts that in its window
     assert sent[0].message == envelope  # the whole envelope, payload included
     assert facts.tracking_id == "t-1"
