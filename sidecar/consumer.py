@@ -26,6 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sidecar import metrics
 from sidecar.channel import HandlerChannel
 from sidecar.message import PUBLISH_ERRORS, InFlight, MessageProcessor, describe
+from sidecar.pubacks import PubAcks
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,14 @@ class Consumer:
         js: JetStreamContext,
         channel: HandlerChannel,
         max_payload: int | None = None,
+        pub_acks: PubAcks | None = None,
     ) -> None:
         self.settings = settings
         self._js = js
         self._channel = channel
         self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes)
         self._processor = MessageProcessor(
-            settings, js, channel, max_payload, on_decoded=self._decoded
+            settings, js, channel, max_payload, on_decoded=self._decoded, pub_acks=pub_acks
         )
         self._max_payload = max_payload
         # What a message is expected to weigh, for sizing fetches under the byte budget:

@@ -30,6 +30,7 @@ from sidecar.channel import HandlerChannel
 from sidecar.consumer import Consumer
 from sidecar.errors import SettingsError
 from sidecar.http import HealthServer
+from sidecar.pubacks import PubAcks
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,10 @@ class Sidecar:
         log.info(
             "connected to NATS at %s:%s", url.hostname if url else "?", url.port if url else "?"
         )
+        pub_acks = PubAcks(self.nc)
+        await pub_acks.start()
         self.consumer = Consumer(
-            self.settings, self.nc.jetstream(), self.channel, self.nc.max_payload
+            self.settings, self.nc.jetstream(), self.channel, self.nc.max_payload, pub_acks
         )
         self.consumer.start()
 

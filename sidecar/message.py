@@ -48,6 +48,7 @@ from sidecar.outcome import (
     UpstreamError,
     decide,
 )
+from sidecar.pubacks import PubAcks
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,11 @@ class MessageProcessor:
         channel: HandlerChannel,
         max_payload: int | None = None,
         on_decoded: Callable[[InFlight, int], None] | None = None,
+        pub_acks: PubAcks | None = None,
     ) -> None:
         self.settings = settings
+        # How outputs are published; without one (tests of other parts), `js.publish`.
+        self._pub_acks = pub_acks
         # Told each input's decoded (gunzipped) size: the consumer's byte accounting.
         self._on_decoded = on_decoded
         self._js = js
@@ -265,12 +269,13 @@ class MessageProcessor:
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish through JetStream and wait for the PubAck (Nats-Msg-Id dedups retries)."""
         with metrics.PUBLISH_SECONDS.time():
-            # js.publish, not publish_async: nats-py 2.16's publish_async keeps a slot of
-            # its pending-PubAck semaphore when the publish itself raises (a closed or
-            # reconnecting connection), and enough of those stall every later publish.
-            ack = await self._js.publish(
-                subject, data, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
-            )
+            headers = {"Nats-Msg-Id": msg_id}
+            if self._pub_acks is not None:
+                ack = await self._pub_acks.publish(subject, data, headers, PUBLISH_TIMEOUT)
+            else:
+                ack = await self._js.publish(
+                    subject, data, timeout=PUBLISH_TIMEOUT, headers=headers
+                )
         metrics.BYTES_OUT.inc(len(data))
         if envelope.is_compressed(data):
             metrics.COMPRESSED.inc()

@@ -1,0 +1,86 @@
+"""JetStream publishes and their PubAcks: one reply subscription, a future and a timer each.
+
+`js.publish` is a request per message: an inbox token, a future and an `asyncio.wait_for`
+(a waiter future and a task switch). `js.publish_async` avoids the `wait_for`, but in
+nats-py 2.16 it takes a slot of a 4,000-slot semaphore and registers its future before it
+publishes, and keeps both when the publish raises (a closed connection, a full reconnect
+buffer): enough outages and every publish waits for a slot forever. `PubAcks` does what
+both do with neither cost: one wildcard subscription for every reply, and per publish a
+future and a `call_later` timer that are removed in `finally`, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import Header, PubAck
+
+NO_RESPONDERS = "503"  # the status of a reply when no stream captures the subject
+
+
+class PubAcks:
+    """`await publish(...)` returns the PubAck, or raises as `js.publish` does."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+        self._tokens = itertools.count(1)
+
+    @property
+    def waiting(self) -> int:
+        """PubAcks awaited right now."""
+        return len(self._waiting)
+
+    async def start(self) -> None:
+        """Subscribe to the replies (nats-py subscribes again after a reconnect)."""
+        self._prefix = self._nc.new_inbox() + "."
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout: float
+    ) -> PubAck:
+        """Publish and wait for the stream's PubAck; nats.errors.TimeoutError after `timeout`."""
+        if self._sub is None:
+            await self.start()
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[PubAck] = loop.create_future()
+        self._waiting[token] = waiter
+        timer = loop.call_later(timeout, _expire, waiter)
+        try:
+            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            return await waiter
+        finally:
+            timer.cancel()
+            del self._waiting[token]
+
+    async def _on_reply(self, msg: Msg) -> None:
+        waiter = self._waiting.get(msg.subject[len(self._prefix) :])
+        if waiter is None or waiter.done():
+            return  # its publisher gave up (timeout, shutdown): nothing waits for it
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS:
+            waiter.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            reply = json.loads(msg.data)
+        except ValueError:
+            waiter.set_exception(nats.js.errors.Error(f"not a PubAck: {msg.data[:200]!r}"))
+            return
+        if "error" in reply:
+            waiter.set_exception(nats.js.errors.APIError.from_error(reply["error"]))
+        else:
+            waiter.set_result(PubAck.from_response(reply))
+
+
+def _expire(waiter: asyncio.Future[PubAck]) -> None:
+    if not waiter.done():
+        waiter.set_exception(nats.errors.TimeoutError())
