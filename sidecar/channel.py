@@ -20,6 +20,7 @@ one Delivery per stream message, for as long as it lives.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -89,7 +90,7 @@ class HandlerChannel:
         self._ready = asyncio.Event()
         self._requests: asyncio.Queue[_Request | None] | None = None
         self._batched = True  # until the host says it has no ProcessBatch
-        self._pending: dict[int, asyncio.Queue[_Item]] = {}
+        self._pending: dict[int, _Call] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._poll_health = False
@@ -157,7 +158,7 @@ class HandlerChannel:
         if requests is None:
             raise HandlerUnavailable(f"no open stream to the handler host ({self.status})")
         delivery.id = next(self._ids)
-        events: asyncio.Queue[_Item] = asyncio.Queue()
+        events = _Call()
         self._pending[delivery.id] = events
         head = delivery.SerializeToString()
         if message is None:
@@ -318,17 +319,36 @@ class HandlerChannel:
             # Its caller gave up (shutdown): the result has nowhere to go.
             log.debug("event for delivery %d that nobody waits for", event.delivery_id)
             return
-        events.put_nowait(event)
+        events.put(event)
 
     def _fail_pending(self, why: str) -> None:
         error = HandlerUnavailable(why)
         for events in self._pending.values():
-            events.put_nowait(error)
+            events.put(error)
 
 
-async def _result(
-    events: asyncio.Queue[_Item], on_early_reply: EarlyReplyCallback
-) -> runner_pb2.Result:
+class _Call:
+    """The events routed to one call, in order; lighter than an asyncio.Queue per call."""
+
+    __slots__ = ("_items", "_wake")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[_Item] = collections.deque()
+        self._wake: asyncio.Future[None] | None = None
+
+    def put(self, item: _Item) -> None:
+        self._items.append(item)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def get(self) -> _Item:
+        while not self._items:
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
+        return self._items.popleft()
+
+
+async def _result(events: _Call, on_early_reply: EarlyReplyCallback) -> runner_pb2.Result:
     while True:
         item = await events.get()
         if isinstance(item, HandlerUnavailable):
