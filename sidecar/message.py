@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -60,6 +61,9 @@ DELIVERY_ROOM = 32
 # Above this many bytes, gzip and gunzip run in a worker thread, not on the event loop.
 OFF_LOOP_BYTES = 256 * 1024
 _T = TypeVar("_T")
+# The threads that gzip and gunzip big messages. Two: more would not find more cores in
+# a sidecar's CPU limit, and each thread's allocations fragment a malloc arena of its own.
+_ZLIB_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kre-zlib")
 
 
 @dataclass
@@ -347,7 +351,7 @@ async def _off_loop_if_big(size: int, fn: Callable[..., _T], *args: Any) -> _T:
     """
     if size < OFF_LOOP_BYTES:
         return fn(*args)
-    return await asyncio.to_thread(fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(_ZLIB_THREADS, fn, *args)
 
 
 def _header(msg: Msg, name: str) -> str:
