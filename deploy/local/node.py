@@ -51,6 +51,7 @@ class NodeConfig:
 
     def env(self, socket_path: Path, http_port: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+        env.setdefault("MALLOC_ARENA_MAX", "2")  # as both images set it
         env.update(
             {
                 "KRT_WORKFLOW_NAME": self.workflow,
