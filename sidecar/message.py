@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -351,7 +353,9 @@ async def _off_loop_if_big(size: int, fn: Callable[..., _T], *args: Any) -> _T:
     """
     if size < OFF_LOOP_BYTES:
         return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(_ZLIB_THREADS, fn, *args)
+    # In the caller's context, as asyncio.to_thread does: log lines there keep their tags.
+    run = functools.partial(contextvars.copy_context().run, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(_ZLIB_THREADS, run)
 
 
 def _header(msg: Msg, name: str) -> str:

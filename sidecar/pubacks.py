@@ -32,6 +32,7 @@ class PubAcks:
         self._nc = nc
         self._prefix = ""
         self._sub: Subscription | None = None
+        self._starting = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[PubAck]] = {}
         self._tokens = itertools.count(1)
 
@@ -42,8 +43,10 @@ class PubAcks:
 
     async def start(self) -> None:
         """Subscribe to the replies (nats-py subscribes again after a reconnect)."""
-        self._prefix = self._nc.new_inbox() + "."
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        async with self._starting:
+            if self._sub is None:
+                self._prefix = self._nc.new_inbox() + "."
+                self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
 
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str], timeout: float
@@ -55,12 +58,15 @@ class PubAcks:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[PubAck] = loop.create_future()
         self._waiting[token] = waiter
-        timer = loop.call_later(timeout, _expire, waiter)
+        timer: asyncio.TimerHandle | None = None
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            # From the publish on, as js.publish's wait_for: not the time to buffer it.
+            timer = loop.call_later(timeout, _expire, waiter)
             return await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             del self._waiting[token]
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -71,14 +77,20 @@ class PubAcks:
             waiter.set_exception(nats.js.errors.NoStreamResponseError())
             return
         try:
-            reply = json.loads(msg.data)
-        except ValueError:
-            waiter.set_exception(nats.js.errors.Error(f"not a PubAck: {msg.data[:200]!r}"))
-            return
-        if "error" in reply:
-            waiter.set_exception(nats.js.errors.APIError.from_error(reply["error"]))
-        else:
-            waiter.set_result(PubAck.from_response(reply))
+            waiter.set_result(_pub_ack(msg.data))
+        except nats.errors.Error as exc:
+            waiter.set_exception(exc)
+        except Exception as exc:  # a reply that is no PubAck: fail now, not at the timeout
+            text = f"not a PubAck ({exc!r}): {msg.data[:200]!r}"
+            waiter.set_exception(nats.js.errors.Error(text))
+
+
+def _pub_ack(data: bytes) -> PubAck:
+    """The PubAck in a reply; the stream's error (APIError and its kinds) raised."""
+    reply = json.loads(data)
+    if "error" in reply:
+        nats.js.errors.APIError.from_error(reply["error"])  # raises the matching error
+    return PubAck.from_response(reply)
 
 
 def _expire(waiter: asyncio.Future[PubAck]) -> None:

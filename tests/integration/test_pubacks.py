@@ -10,6 +10,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.js.api import DiscardPolicy
 
 from deploy.local.nats import NatsServer
 from sidecar.pubacks import PubAcks
@@ -80,3 +81,24 @@ async def test_a_publish_that_raises_leaves_nothing_waiting(nc: Client, stream: 
     assert acks.waiting == 0
     # And the next one works.
     assert (await acks.publish(f"{stream}.out", b"x", {"Nats-Msg-Id": "d"}, 5)).seq == 1
+
+
+async def test_the_streams_error_comes_back_at_once(nc: Client, stream_name: str) -> None:
+    # A stream that takes one message and refuses more: the second gets an error reply.
+    js = nc.jetstream()
+    await js.add_stream(
+        name=stream_name, subjects=[f"{stream_name}.>"], max_msgs=1, discard=DiscardPolicy.NEW
+    )
+    acks = PubAcks(nc)
+    try:
+        await acks.publish(f"{stream_name}.out", b"x", {"Nats-Msg-Id": "1"}, 5)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(nats.js.errors.APIError) as caught:
+            await acks.publish(f"{stream_name}.out", b"y", {"Nats-Msg-Id": "2"}, 5)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        await js.delete_stream(stream_name)
+
+    assert "maximum messages exceeded" in str(caught.value)
+    assert waited < 4  # the server's answer, not the 5 s timeout
+    assert acks.waiting == 0
