@@ -14,6 +14,7 @@ outcome, errors by exception type, early replies counted; and ``init`` timed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -84,24 +85,17 @@ INFO = Info(
 )
 
 
-class _Children(dict[str, Any]):
-    """A labelled metric's children by label value, each bound on first use.
-
-    ``metric.labels(value)`` takes a lock and builds a key on every call; a dict lookup
-    does not. First use, not up front: no series shows before it has a sample.
-    """
-
-    def __init__(self, metric: Histogram | Counter) -> None:
-        super().__init__()
-        self._metric = metric
-
-    def __missing__(self, value: str) -> Any:
-        child = self[value] = self._metric.labels(value)
-        return child
+# Label children looked up once per value, as the sidecar's metrics do: `labels()` takes
+# a lock and builds a key on every call. On first use, so no series shows before it has
+# a sample.
+@functools.cache
+def _seconds_of(outcome: str) -> Any:
+    return HANDLER_SECONDS.labels(outcome)
 
 
-_SECONDS_BY_OUTCOME = _Children(HANDLER_SECONDS)
-_ERRORS_BY_TYPE = _Children(ERRORS)
+@functools.cache
+def _errors_of(failure_type: str) -> Any:
+    return ERRORS.labels(failure_type)
 
 
 def outcome_of(result: runner_pb2.Result) -> str:
@@ -150,9 +144,9 @@ def _observe(result: runner_pb2.Result) -> None:
     start, end = result.start, result.end
     span = (end.seconds - start.seconds) * 1_000_000_000 + end.nanos - start.nanos
     seconds = max(0.0, span / 1e9)
-    _SECONDS_BY_OUTCOME[outcome].observe(seconds)
+    _seconds_of(outcome).observe(seconds)
     if outcome in (FAILURE, RETRYABLE):
-        _ERRORS_BY_TYPE[result.failure.type].inc()
+        _errors_of(result.failure.type).inc()
     logger.debug("handled in %.1f ms: %s", seconds * 1000, outcome)
 
 

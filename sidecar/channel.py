@@ -377,21 +377,26 @@ async def _batches(
         request = held.pop() if held else await requests.get()
         if request is None:
             return
-        parts = [_DELIVERIES_TAG, _varint(request.size), *request.parts]
-        size = _framed_size(request)
+        prefix = _framing(request)
+        parts = [prefix, *request.parts]
+        size = len(prefix) + request.size
         while not requests.empty():
             more = requests.get_nowait()
-            if more is None or size + _framed_size(more) > cap:
+            if more is None:  # the end, once this batch is out
+                held.append(None)
+                break
+            prefix = _framing(more)
+            if size + len(prefix) + more.size > cap:  # the next batch's first
                 held.append(more)
                 break
-            parts += (_DELIVERIES_TAG, _varint(more.size), *more.parts)
-            size += _framed_size(more)
+            parts += (prefix, *more.parts)
+            size += len(prefix) + more.size
         yield b"".join(parts)
 
 
-def _framed_size(request: _Request) -> int:
-    """A Delivery's bytes in a DeliveryBatch: its tag, its length, itself."""
-    return 1 + len(_varint(request.size)) + request.size
+def _framing(request: _Request) -> bytes:
+    """What precedes a Delivery in a DeliveryBatch: the field's tag and the length."""
+    return _DELIVERIES_TAG + _varint(request.size)
 
 
 def _method_name(batched: bool) -> str:

@@ -25,6 +25,7 @@ import nats.errors
 from google.protobuf import any_pb2, timestamp_pb2
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
@@ -223,9 +224,7 @@ class MessageProcessor:
             tracking_id=facts.tracking_id,
             max_payload=self._max_payload,
         )
-        ack = await self._js.publish(
-            action.dlq_subject, letter.data, timeout=PUBLISH_TIMEOUT, headers=letter.headers
-        )
+        ack = await self._publish_acked(action.dlq_subject, letter.data, letter.headers)
         if not ack.duplicate:
             metrics.published("dead_letter").inc()
         if action.data:
@@ -275,18 +274,18 @@ class MessageProcessor:
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish through JetStream and wait for the PubAck (Nats-Msg-Id dedups retries)."""
         with metrics.PUBLISH_SECONDS.time():
-            headers = {"Nats-Msg-Id": msg_id}
-            if self._pub_acks is not None:
-                ack = await self._pub_acks.publish(subject, data, headers, PUBLISH_TIMEOUT)
-            else:
-                ack = await self._js.publish(
-                    subject, data, timeout=PUBLISH_TIMEOUT, headers=headers
-                )
+            ack = await self._publish_acked(subject, data, {"Nats-Msg-Id": msg_id})
         metrics.BYTES_OUT.inc(len(data))
         if envelope.is_compressed(data):
             metrics.COMPRESSED.inc()
         if ack.duplicate:
             log.debug("publish %s was a duplicate: an earlier attempt had landed", msg_id)
+
+    async def _publish_acked(self, subject: str, data: bytes, headers: dict[str, str]) -> PubAck:
+        """One JetStream publish and its PubAck, for outputs and dead letters alike."""
+        if self._pub_acks is not None:
+            return await self._pub_acks.publish(subject, data, headers, PUBLISH_TIMEOUT)
+        return await self._js.publish(subject, data, timeout=PUBLISH_TIMEOUT, headers=headers)
 
     def msg_id(self, msg: Msg) -> str:
         return f"{self.settings.nats_stream}:{_seq(msg)}:{self.settings.node_name}"

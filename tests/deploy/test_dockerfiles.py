@@ -94,6 +94,20 @@ def test_non_root_user_and_entrypoint(extra: str, pyproject) -> None:
     assert image.script in pyproject["project"]["scripts"]
 
 
+@pytest.mark.parametrize("extra", IMAGES)
+def test_malloc_arenas_as_deploy_local_runs_them(
+    extra: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The benchmark's memory numbers come from deploy/local: it must run as the images do
+    # (unless the caller's environment says otherwise, which is kept).
+    from deploy.local.node import NodeConfig
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    image_env = parse(IMAGES[extra].dockerfile).envs
+    local_env = NodeConfig("nats://x:1", "s", tmp_path, "h.py").env(tmp_path / "s", 1)
+    assert image_env["MALLOC_ARENA_MAX"] == local_env["MALLOC_ARENA_MAX"] == "2"
+
+
 def test_sidecar_base_is_a_pinned_python_slim() -> None:
     parser = parse(SIDECAR.dockerfile)
     for base in parser.parent_images:

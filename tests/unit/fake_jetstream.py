@@ -69,13 +69,17 @@ class ServingSub:
 
 
 class FakeJs:
-    def __init__(self, sub: ServingSub) -> None:
+    """The JetStream context: binding gives `sub` (any fake subscription) and counts."""
+
+    def __init__(self, sub: Any) -> None:
         self.sub = sub
+        self.binds = 0
 
     async def add_consumer(self, stream: str, config: Any) -> None:
         pass
 
-    async def pull_subscribe_bind(self, durable: str, stream: str) -> ServingSub:
+    async def pull_subscribe_bind(self, durable: str, stream: str) -> Any:
+        self.binds += 1
         return self.sub
 
     async def stream_info(self, stream: str) -> Any:

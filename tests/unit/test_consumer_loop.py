@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from types import SimpleNamespace
 from typing import Any
 
 import nats.js.errors
@@ -12,7 +10,7 @@ import pytest
 
 from sidecar import consumer as consumer_module
 from sidecar.consumer import Consumer
-from tests.unit.fake_jetstream import consumer_settings
+from tests.unit.fake_jetstream import FakeJs, ReadyChannel, consumer_settings, eventually
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -39,34 +37,6 @@ class FakeSub:
 
     async def unsubscribe(self) -> None:
         pass
-
-
-class FakeJs:
-    def __init__(self, sub: FakeSub) -> None:
-        self.sub = sub
-        self.binds = 0
-
-    async def add_consumer(self, stream: str, config: Any) -> None:
-        pass
-
-    async def pull_subscribe_bind(self, durable: str, stream: str) -> FakeSub:
-        self.binds += 1
-        return self.sub
-
-    async def stream_info(self, stream: str) -> Any:
-        return SimpleNamespace(config=SimpleNamespace(subjects=["in", "out", "out.dlq"]))
-
-
-class ReadyChannel:
-    async def wait_ready(self) -> bool:
-        return True
-
-
-async def eventually(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_plain_timeouts_and_unexpected_errors_do_not_stop_consuming(
