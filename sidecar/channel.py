@@ -167,10 +167,12 @@ class HandlerChannel:
             parts = (head, _MESSAGE_TAG, _varint(len(message)), message)
             requests.put_nowait(_Request(sum(map(len, parts)), parts))
         try:
+            if self._result_timeout is None:  # the default: no timer to set and cancel
+                return await _result(events, on_early_reply)
             async with asyncio.timeout(self._result_timeout) as deadline:
                 return await _result(events, on_early_reply)
         except TimeoutError:
-            if not deadline.expired():
+            if self._result_timeout is None or not deadline.expired():
                 raise
             log.warning(
                 "no Result for delivery %d (stream seq %d) within %.0fs: the handler host "

@@ -75,13 +75,16 @@ class InFlight:
 
     `size`: its bytes as fetched, counted by the window. `pinged_at`: when JetStream last
     heard of it (fetched, or its last in-progress ack), on `time.monotonic()`; the
-    consumer's keep-alive task sends the in-progress acks.
+    consumer's keep-alive task sends the in-progress acks. `seq` and `attempt`: its
+    stream sequence and delivery attempt, read once when its processing starts.
     """
 
     msg: Msg
     settled: bool = False
     size: int = 0
     pinged_at: float = field(default_factory=time.monotonic)
+    seq: int = 0
+    attempt: int = 0
 
 
 class MessageProcessor:
@@ -112,18 +115,19 @@ class MessageProcessor:
 
     async def handle(self, record: InFlight) -> None:
         msg = record.msg
-        logs.bind(_seq(msg), _attempt(msg))
+        record.seq, record.attempt = position(msg)
+        logs.bind(record.seq, record.attempt)
         try:
             facts, happened = await self._process(record)
         except Exception as exc:
             # A bug here must not strand the message: it still gets exactly one ending.
-            log.exception("unexpected error processing stream seq %d", _seq(msg))
-            facts, happened = Facts(None, _attempt(msg)), Unavailable(f"sidecar error: {exc!r}")
+            log.exception("unexpected error processing stream seq %d", record.seq)
+            facts, happened = Facts(None, record.attempt), Unavailable(f"sidecar error: {exc!r}")
         try:
             await self._settle(record, await self._decide(happened, facts), facts)
         except Exception:
             # Still one ending: a message we could not settle comes back, never strands.
-            log.exception("unexpected error settling stream seq %d", _seq(msg))
+            log.exception("unexpected error settling stream seq %d", record.seq)
             if not record.settled:
                 record.settled = True
                 with contextlib.suppress(Exception):
@@ -139,8 +143,7 @@ class MessageProcessor:
         return await _off_loop_if_big(size, decide, happened, facts, self._policy)
 
     async def _process(self, record: InFlight) -> tuple[Facts, Happened]:
-        msg = record.msg
-        attempt = _attempt(msg)
+        msg, attempt = record.msg, record.attempt
         _count_input(msg.data, attempt)
         try:
             request, plain = await _off_loop_if_big(
@@ -161,7 +164,7 @@ class MessageProcessor:
         request.ClearField("payload")
         delivery = runner_pb2.Delivery(
             subject=msg.subject,
-            stream_sequence=_seq(msg),
+            stream_sequence=record.seq,
             attempt=attempt,
             headers=_passed_on(msg.headers),
         )
@@ -171,53 +174,54 @@ class MessageProcessor:
             # Sent anyway it would break the stream that every other message shares.
             reason = f"message is {size} bytes for the handler host, over the {limit} byte gRPC"
             return Facts(request, attempt), BadInput(f"{reason} limit (KRT_GRPC_MAX_MESSAGE_BYTES)")
-        replies = _EarlyReplies(self, msg, request)
+        replies = _EarlyReplies(self, self.msg_id(record.seq) + ":early", request)
         started = datetime.now(UTC)
+        clock = time.perf_counter()
         try:
-            with metrics.HANDLER_SECONDS.time():
-                result = await self._channel.call(delivery, replies.send, message=plain)
+            result = await self._channel.call(delivery, replies.send, message=plain)
         except HandlerUnavailable as exc:
             happened: Happened = Unavailable(exc.reason)
         else:
+            metrics.HANDLER_SECONDS.observe(time.perf_counter() - clock)
             happened = replies.failure or _from_result(result, started, datetime.now(UTC))
         return Facts(request, attempt, early_replied=replies.sent), happened
 
     async def _settle(self, record: InFlight, action: Action, facts: Facts) -> None:
-        action = await self._publish_or_retry(record.msg, action, facts)
+        action = await self._publish_or_retry(record, action, facts)
         await self._finish(record, action, facts)
 
-    async def _publish_or_retry(self, msg: Msg, action: Action, facts: Facts) -> Action:
+    async def _publish_or_retry(self, record: InFlight, action: Action, facts: Facts) -> Action:
         """Publish what `action` says; when that fails, the action to take instead."""
         try:
-            await self._publish_for(msg, action, facts)
+            await self._publish_for(record, action, facts)
             return action
         except PUBLISH_ERRORS as exc:
             reason = describe(exc)
-            log.warning("publish for stream seq %d failed: %s", _seq(msg), reason)
+            log.warning("publish for stream seq %d failed: %s", record.seq, reason)
         if isinstance(action, DeadLetterAndTerm):
             return decide(DeadLetterFailed(reason), facts, self._policy)
         action = decide(PublishFailed(reason), facts, self._policy)
         if isinstance(action, DeadLetterAndTerm):  # the last attempt: dead-letter it instead
-            return await self._publish_or_retry(msg, action, facts)
+            return await self._publish_or_retry(record, action, facts)
         return action
 
-    async def _publish_for(self, msg: Msg, action: Action, facts: Facts) -> None:
+    async def _publish_for(self, record: InFlight, action: Action, facts: Facts) -> None:
         match action:
             case PublishThenAck(subject=subject, data=data):
-                await self.publish(subject, data, self.msg_id(msg))
+                await self.publish(subject, data, self.msg_id(record.seq))
                 metrics.published("output").inc()
             case PublishErrorThenAck(subject=subject, data=data):
-                await self.publish(subject, data, self.msg_id(msg))
+                await self.publish(subject, data, self.msg_id(record.seq))
                 metrics.published("error").inc()
             case DeadLetterAndTerm():
-                await self._dead_letter(msg, action, facts)
+                await self._dead_letter(record, action, facts)
 
-    async def _dead_letter(self, msg: Msg, action: DeadLetterAndTerm, facts: Facts) -> None:
+    async def _dead_letter(self, record: InFlight, action: DeadLetterAndTerm, facts: Facts) -> None:
         # The dead letter first: while its subject cannot take it (a stream missing it is
         # the likely cause), nothing at all goes downstream, so a retry that outlasts the
         # duplicate window cannot repeat the error envelope.
         letter = deadletter.build(
-            msg,
+            record.msg,
             reason=action.reason,
             node=self.settings.node_name,
             stream=self.settings.nats_stream,
@@ -228,13 +232,13 @@ class MessageProcessor:
         if not ack.duplicate:
             metrics.published("dead_letter").inc()
         if action.data:
-            await self.publish(action.subject, action.data, self.msg_id(msg))
+            await self.publish(action.subject, action.data, self.msg_id(record.seq))
             metrics.published("error").inc()
 
     async def _finish(self, record: InFlight, action: Action, facts: Facts) -> None:
         record.settled = True
         metrics.settled(action.outcome).inc()
-        msg, seq = record.msg, _seq(record.msg)
+        msg, seq = record.msg, record.seq
         try:
             match action:
                 case Ack() | PublishThenAck():
@@ -273,8 +277,9 @@ class MessageProcessor:
 
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish through JetStream and wait for the PubAck (Nats-Msg-Id dedups retries)."""
-        with metrics.PUBLISH_SECONDS.time():
-            ack = await self._publish_acked(subject, data, {"Nats-Msg-Id": msg_id})
+        clock = time.perf_counter()
+        ack = await self._publish_acked(subject, data, {"Nats-Msg-Id": msg_id})
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - clock)
         metrics.BYTES_OUT.inc(len(data))
         if envelope.is_compressed(data):
             metrics.COMPRESSED.inc()
@@ -287,8 +292,9 @@ class MessageProcessor:
             return await self._pub_acks.publish(subject, data, headers, PUBLISH_TIMEOUT)
         return await self._js.publish(subject, data, timeout=PUBLISH_TIMEOUT, headers=headers)
 
-    def msg_id(self, msg: Msg) -> str:
-        return f"{self.settings.nats_stream}:{_seq(msg)}:{self.settings.node_name}"
+    def msg_id(self, seq: int) -> str:
+        """The Nats-Msg-Id of what this node publishes for stream sequence `seq`."""
+        return f"{self.settings.nats_stream}:{seq}:{self.settings.node_name}"
 
 
 @dataclass
@@ -296,7 +302,7 @@ class _EarlyReplies:
     """Publishes one message's early replies to the entrypoint; remembers what went wrong."""
 
     processor: MessageProcessor
-    msg: Msg
+    msg_id: str  # the Nats-Msg-Id of its replies
     request: KreNatsMessage
     sent: bool = False
     failure: Happened | None = None
@@ -313,8 +319,7 @@ class _EarlyReplies:
             data = envelope.encode(
                 reply, settings.max_payload_bytes, self.processor.policy.publish_limit
             )
-            msg_id = self.processor.msg_id(self.msg) + ":early"
-            await self.processor.publish(settings.entrypoint_subject, data, msg_id)
+            await self.processor.publish(settings.entrypoint_subject, data, self.msg_id)
         except PayloadTooLargeError as exc:
             self.failure = Raised(f"early reply: {exc}")
         except PUBLISH_ERRORS as exc:
@@ -369,12 +374,20 @@ def _count_input(data: bytes, attempt: int) -> None:
         metrics.REDELIVERIES.inc()
 
 
-def _seq(msg: Msg) -> int:
-    return msg.metadata.sequence.stream
+def position(msg: Msg) -> tuple[int, int]:
+    """A JetStream message's stream sequence and delivery attempt, from its ack subject.
 
-
-def _attempt(msg: Msg) -> int:
-    return msg.metadata.num_delivered
+    What `msg.metadata` holds, read the way nats-py reads it, without building the rest
+    (two dataclasses and a datetime: 5 us a message in nats-py 2.16, this 0.5).
+    """
+    tokens = msg.reply.split(".") if msg.reply else ()
+    if len(tokens) >= 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        if len(tokens) == 9:  # $JS.ACK.stream.consumer.delivered.sseq.cseq.ts.pending
+            return int(tokens[5]), int(tokens[4])
+        if len(tokens) >= 11:  # v2: $JS.ACK.domain.hash.stream.consumer.delivered.sseq...
+            return int(tokens[7]), int(tokens[6])
+    meta = msg.metadata  # not a JetStream message: nats-py's own error
+    return meta.sequence.stream, meta.num_delivered
 
 
 def describe(exc: BaseException) -> str:

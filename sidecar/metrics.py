@@ -1,61 +1,155 @@
-"""The sidecar's Prometheus metrics, registered once per process."""
+"""The sidecar's Prometheus metrics, registered once per process.
+
+The message path counts in plain numbers on the event loop's thread (`Count`,
+`Timing`); a collector turns them into Prometheus families when /metrics is scraped,
+on that same thread. prometheus_client's own Counter and Histogram take a lock on every
+update: the eight updates per message cost about 5 us of the sidecar's ~130 us per
+message, these about 1. Nothing here may be updated from another thread.
+"""
 
 from __future__ import annotations
 
-import functools
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
-MESSAGES = Counter(
+
+class Count:
+    """A counter's (or a gauge's) value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+
+class Timing:
+    """A histogram of seconds: a count per bucket (not cumulative) and their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: over every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # buckets are `le`
+        self.total += seconds
+
+
+class _Labelled:
+    """A counter with one label: a Count per label value, made on first use."""
+
+    def __init__(self, name: str, doc: str, label: str) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.children: dict[str, Count] = {}
+
+    def labels(self, value: str) -> Count:
+        child = self.children.get(value)
+        if child is None:
+            child = self.children[value] = Count()
+        return child
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, child in sorted(self.children.items()):
+            family.add_metric([value], child.value)
+        return family
+
+
+MESSAGES = _Labelled(
     "kre_sidecar_messages",
     "Input messages settled, by outcome (published, acked, skipped_replied, "
     "error_published, retried, dead_lettered, abandoned).",
-    ["outcome"],
+    "outcome",
 )
-IN_FLIGHT = Gauge("kre_sidecar_in_flight", "Input messages being processed right now.")
-HANDLER_SECONDS = Histogram(
-    "kre_sidecar_handler_seconds",
-    "Time from handing a message to the handler host to getting its result.",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+IN_FLIGHT = Count()
+HANDLER_SECONDS = Timing(
+    (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 )
-PUBLISHED = Counter(
+PUBLISHED = _Labelled(
     "kre_sidecar_published",
     "Envelopes published to JetStream, by kind (output, error, early_reply).",
-    ["kind"],
+    "kind",
 )
-PUBLISH_SECONDS = Histogram(
-    "kre_sidecar_publish_seconds",
-    "Time from a JetStream publish to its PubAck.",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
-)
-REDELIVERIES = Counter(
-    "kre_sidecar_redeliveries", "Input messages fetched again (delivery attempt > 1)."
-)
-BYTES = Counter(
+PUBLISH_SECONDS = Timing((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+REDELIVERIES = Count()
+BYTES = _Labelled(
     "kre_sidecar_bytes",
     "Message bytes as they travel on NATS: in (fetched inputs), out (published).",
-    ["direction"],
+    "direction",
 )
-COMPRESSIONS = Counter(
+COMPRESSIONS = _Labelled(
     "kre_sidecar_compressions",
     "Gzipped envelopes: decompressed (inputs) and compressed (outputs over the limit).",
-    ["direction"],
+    "direction",
 )
 
-# Children bound once: the per-message path does no label lookups for these.
-BYTES_IN = BYTES.labels(direction="in")
-BYTES_OUT = BYTES.labels(direction="out")
-DECOMPRESSED = COMPRESSIONS.labels(direction="decompressed")
-COMPRESSED = COMPRESSIONS.labels(direction="compressed")
+BYTES_IN = BYTES.labels("in")
+BYTES_OUT = BYTES.labels("out")
+DECOMPRESSED = COMPRESSIONS.labels("decompressed")
+COMPRESSED = COMPRESSIONS.labels("compressed")
 
 
-@functools.cache
-def published(kind: str) -> Counter:
-    """The PUBLISHED child for `kind`, looked up once per kind."""
-    return PUBLISHED.labels(kind=kind)
+def published(kind: str) -> Count:
+    """The PUBLISHED count for `kind`."""
+    return PUBLISHED.labels(kind)
 
 
-@functools.cache
-def settled(outcome: str) -> Counter:
-    """The MESSAGES child for `outcome`, looked up once per outcome."""
-    return MESSAGES.labels(outcome=outcome)
+def settled(outcome: str) -> Count:
+    """The MESSAGES count for `outcome`."""
+    return MESSAGES.labels(outcome)
+
+
+def _histogram(name: str, doc: str, timing: Timing) -> Metric:
+    buckets, seen = [], 0
+    for bound, count in zip((*timing.bounds, float("inf")), timing.counts, strict=True):
+        seen += count
+        buckets.append((floatToGoString(bound), seen))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=timing.total)
+
+
+class _Collector:
+    """What /metrics shows of the numbers above, read when it is scraped."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield MESSAGES.family()
+        yield GaugeMetricFamily(
+            "kre_sidecar_in_flight", "Input messages being processed right now.", IN_FLIGHT.value
+        )
+        yield _histogram(
+            "kre_sidecar_handler_seconds",
+            "Time from handing a message to the handler host to getting its result.",
+            HANDLER_SECONDS,
+        )
+        yield PUBLISHED.family()
+        yield _histogram(
+            "kre_sidecar_publish_seconds",
+            "Time from a JetStream publish to its PubAck.",
+            PUBLISH_SECONDS,
+        )
+        yield CounterMetricFamily(
+            "kre_sidecar_redeliveries",
+            "Input messages fetched again (delivery attempt > 1).",
+            REDELIVERIES.value,
+        )
+        yield BYTES.family()
+        yield COMPRESSIONS.family()
+
+
+REGISTRY.register(_Collector())

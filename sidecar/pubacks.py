@@ -90,7 +90,13 @@ def _pub_ack(data: bytes) -> PubAck:
     reply = json.loads(data)
     if "error" in reply:
         nats.js.errors.APIError.from_error(reply["error"])  # raises the matching error
-    return PubAck.from_response(reply)
+    # The fields a PubAck has always had, without `from_response`'s walk of the dataclass.
+    return PubAck(
+        stream=reply["stream"],
+        seq=reply["seq"],
+        domain=reply.get("domain"),
+        duplicate=reply.get("duplicate"),
+    )
 
 
 def _expire(waiter: asyncio.Future[PubAck]) -> None:
