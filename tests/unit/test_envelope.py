@@ -54,6 +54,18 @@ def test_output_carries_tracking_and_adds_this_node() -> None:
     assert out.payload.Unpack(value) and value.value == "output"
 
 
+def test_output_keeps_fields_this_version_does_not_know_and_drops_an_error() -> None:
+    newer = request().SerializeToString() + b"\x48\x07"  # field 9, a varint: not ours
+    parsed = KreNatsMessage.FromString(newer)
+    parsed.error = "stale"
+    now = datetime(2024, 5, 1, tzinfo=UTC)
+
+    out = envelope.build_output(parsed, "node-b", packed("output"), now, now)
+
+    assert b"\x48\x07" in out.SerializeToString()
+    assert out.error == ""
+
+
 def test_rfc3339_converts_to_utc_and_treats_naive_as_utc() -> None:
     plus_two = timezone(timedelta(hours=2))
     assert envelope.rfc3339(datetime(2024, 1, 1, 14, 0, tzinfo=plus_two)) == (
