@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import nats.errors
@@ -64,6 +64,7 @@ DELIVERY_ROOM = 32
 # Above this many bytes, gzip and gunzip run in a worker thread, not on the event loop.
 OFF_LOOP_BYTES = 256 * 1024
 _T = TypeVar("_T")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The threads that gzip and gunzip big messages. Two: more would not find more cores in
 # a sidecar's CPU limit, and each thread's allocations fragment a malloc arena of its own.
 _ZLIB_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kre-zlib")
@@ -163,11 +164,11 @@ class MessageProcessor:
         # now rather than held in memory for as long as the handler runs.
         request.ClearField("payload")
         delivery = runner_pb2.Delivery(
-            subject=msg.subject,
-            stream_sequence=record.seq,
-            attempt=attempt,
-            headers=_passed_on(msg.headers),
+            subject=msg.subject, stream_sequence=record.seq, attempt=attempt
         )
+        headers = _passed_on(msg.headers)
+        if headers:  # an empty map given to the constructor costs more than the rest of it
+            delivery.headers.update(headers)
         size = delivery.ByteSize() + len(plain) + DELIVERY_ROOM
         limit = self.settings.grpc_max_message_bytes
         if size > limit:
@@ -175,7 +176,7 @@ class MessageProcessor:
             reason = f"message is {size} bytes for the handler host, over the {limit} byte gRPC"
             return Facts(request, attempt), BadInput(f"{reason} limit (KRT_GRPC_MAX_MESSAGE_BYTES)")
         replies = _EarlyReplies(self, self.msg_id(record.seq) + ":early", request)
-        started = datetime.now(UTC)
+        started = time.time_ns()  # for a Result without the host's own stamps
         clock = time.perf_counter()
         try:
             result = await self._channel.call(delivery, replies.send, message=plain)
@@ -183,7 +184,7 @@ class MessageProcessor:
             happened: Happened = Unavailable(exc.reason)
         else:
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - clock)
-            happened = replies.failure or _from_result(result, started, datetime.now(UTC))
+            happened = replies.failure or _from_result(result, started)
         return Facts(request, attempt, early_replied=replies.sent), happened
 
     async def _settle(self, record: InFlight, action: Action, facts: Facts) -> None:
@@ -329,19 +330,21 @@ class _EarlyReplies:
             metrics.published("early_reply").inc()
 
 
-def _from_result(result: runner_pb2.Result, started: datetime, ended: datetime) -> Happened:
+def _from_result(result: runner_pb2.Result, started_ns: int) -> Happened:
     kind = result.WhichOneof("outcome")
     if kind == "failure":
         failure = result.failure
         return Raised(failure.message or failure.type, failure.type, failure.retryable)
     payload = result.payload if kind == "payload" else None
-    return Returned(payload, _when(result.start) or started, _when(result.end) or ended)
+    start = _when(result.start) or _EPOCH + timedelta(microseconds=started_ns // 1000)
+    return Returned(payload, start, _when(result.end) or datetime.now(UTC))
 
 
 def _when(stamp: timestamp_pb2.Timestamp) -> datetime | None:
+    """The host's stamp; None when unset. (`ToDatetime` takes half as long again.)"""
     if stamp.seconds == 0 and stamp.nanos == 0:
         return None
-    return stamp.ToDatetime(tzinfo=UTC)
+    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
 
 
 def _passed_on(headers: dict[str, str] | None) -> dict[str, str]:
