@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -28,6 +28,18 @@ from sidecar.channel import HandlerChannel
 from sidecar.message import PUBLISH_ERRORS, InFlight, MessageProcessor, describe
 from sidecar.pubacks import PubAcks
 from sidecar.settings import SidecarSettings
+
+
+class Pull(Protocol):
+    """What the loop needs of a pull subscription: nats-py's, or `sidecar.pull.Puller`."""
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]: ...
+
+    async def unsubscribe(self) -> None: ...
+
+
+# Binds to a durable consumer (durable, stream); by default `js.pull_subscribe_bind`.
+BindPull = Callable[[str, str], Awaitable[Pull]]
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +120,11 @@ class Consumer:
         channel: HandlerChannel,
         max_payload: int | None = None,
         pub_acks: PubAcks | None = None,
+        bind_pull: BindPull | None = None,
     ) -> None:
         self.settings = settings
         self._js = js
+        self._bind_pull = bind_pull or self._js_bind
         self._channel = channel
         self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes)
         self._processor = MessageProcessor(
@@ -124,7 +138,7 @@ class Consumer:
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
         self._task: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: Pull | None = None
         self.bound = False
         self.status = "not started"
 
@@ -197,7 +211,7 @@ class Consumer:
                     await self._sub.unsubscribe()
                 self._sub = None
 
-    async def _consume(self, sub: JetStreamContext.PullSubscription | None) -> None:
+    async def _consume(self, sub: Pull | None) -> None:
         while sub is not None and not self._stopping.is_set():
             if not await self._unless_stopping(self._channel.wait_ready()):
                 break
@@ -250,15 +264,19 @@ class Consumer:
         await asyncio.gather(work, return_exceptions=True)
         return None
 
-    async def _fetch(self, sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg] | None:
+    async def _fetch(self, sub: Pull, batch: int) -> list[Msg] | None:
         """Up to `batch` messages; [] on a quiet timeout; None when the consumer is gone."""
         try:
             return await sub.fetch(batch, timeout=FETCH_TIMEOUT)
         except TimeoutError:  # nats' own, and the plain one nats-py also raises
             return []
         except nats.js.errors.ServiceUnavailableError as exc:
-            # 503: JetStream is shutting down or restarting; the consumer is still there.
+            # 503, no responders: JetStream is restarting (wait it out), or the consumer
+            # is gone (deleted by hand): bind again, which creates it.
             self.status = f"fetch failed: {describe(exc)}"
+            if await self._consumer_gone():
+                log.warning("consumer %s is gone; creating it again", self.settings.durable)
+                return None
             log.warning("JetStream unavailable (%s); fetching again in %ss", exc, FETCH_ERROR_PAUSE)
             await asyncio.sleep(FETCH_ERROR_PAUSE)
             return []
@@ -271,9 +289,7 @@ class Consumer:
             await asyncio.sleep(FETCH_ERROR_PAUSE)
             return []
 
-    async def _bind(
-        self, old: JetStreamContext.PullSubscription | None = None
-    ) -> JetStreamContext.PullSubscription | None:
+    async def _bind(self, old: Pull | None = None) -> Pull | None:
         """Create (or update) the durable consumer and bind to it; retry until it works."""
         self.bound = False
         if old is not None:
@@ -284,7 +300,7 @@ class Consumer:
         while not self._stopping.is_set():
             try:
                 await self._ensure_consumer()
-                sub = await self._js.pull_subscribe_bind(durable=durable, stream=stream)
+                sub = await self._bind_pull(durable, stream)
             except nats.js.errors.NotFoundError:
                 self.status = f"stream {stream} not found"
                 log.error("stream %s not found; retrying in %ss", stream, BIND_RETRY)
@@ -310,6 +326,19 @@ class Consumer:
                 return sub
             await self._unless_stopping(asyncio.sleep(BIND_RETRY))
         return None
+
+    async def _consumer_gone(self) -> bool:
+        """The stream says the durable consumer does not exist (not: no answer)."""
+        try:
+            await self._js.consumer_info(self.settings.nats_stream, self.settings.durable)
+        except nats.js.errors.NotFoundError:
+            return True
+        except PUBLISH_ERRORS:
+            return False
+        return False
+
+    async def _js_bind(self, durable: str, stream: str) -> Pull:
+        return await self._js.pull_subscribe_bind(durable=durable, stream=stream)
 
     async def _ensure_consumer(self) -> None:
         stream, config = self.settings.nats_stream, self.consumer_config()

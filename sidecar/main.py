@@ -31,6 +31,7 @@ from sidecar.consumer import Consumer
 from sidecar.errors import SettingsError
 from sidecar.http import HealthServer
 from sidecar.pubacks import PubAcks
+from sidecar.pull import Puller
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,14 @@ class Sidecar:
         )
         pub_acks = PubAcks(self.nc)
         await pub_acks.start()
+        nc = self.nc
         self.consumer = Consumer(
-            self.settings, self.nc.jetstream(), self.channel, self.nc.max_payload, pub_acks
+            self.settings,
+            nc.jetstream(),
+            self.channel,
+            nc.max_payload,
+            pub_acks,
+            bind_pull=lambda durable, stream: Puller.bind(nc, stream, durable),
         )
         self.consumer.start()
 

@@ -422,3 +422,24 @@ async def test_several_input_subjects(js: JetStreamContext, node: Node) -> None:
     assert sorted(words(m) for m in outputs) == ["hello one", "hello two"]
     info = await settled(js, node)
     assert sorted(info.config.filter_subjects or []) == sorted([node.input, other])
+
+
+async def test_a_consumer_deleted_while_running_is_created_again(
+    js: JetStreamContext, node: Node
+) -> None:
+    await node.host()
+    sidecar = await node.sidecar()
+    downstream = await Downstream(js, node.stream, node.output).start()
+    await eventually(lambda: _true(sidecar.consumer is not None and sidecar.consumer.bound))
+
+    await js.delete_consumer(node.stream, NODE)
+    request = request_envelope(StringValue(value="after"))
+    await Upstream(js, node.input).send_all([request])
+
+    outputs = await downstream.wait_for(1, timeout=30)
+    assert [words(o) for o in outputs] == ["hello after"]
+    await settled(js, node)
+
+
+async def _true(value: bool) -> bool:
+    return value

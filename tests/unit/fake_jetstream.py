@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 
 from sidecar.settings import SidecarSettings
 
@@ -74,6 +75,12 @@ class FakeJs:
     def __init__(self, sub: Any) -> None:
         self.sub = sub
         self.binds = 0
+        self.consumer_exists = True
+
+    async def consumer_info(self, stream: str, durable: str) -> Any:
+        if not self.consumer_exists:
+            raise nats.js.errors.NotFoundError
+        return SimpleNamespace(name=durable)
 
     async def add_consumer(self, stream: str, config: Any) -> None:
         pass

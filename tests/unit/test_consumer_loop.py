@@ -72,3 +72,20 @@ async def test_jetstream_unavailable_is_waited_out_without_binding_again(
         assert js.binds == 2  # not after the 503; after the 404 (consumer gone), yes
     finally:
         await consumer.stop(0)
+
+
+async def test_a_consumer_deleted_under_the_loop_is_bound_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(consumer_module, "FETCH_ERROR_PAUSE", 0.01)
+    # A pull request to a durable that no longer exists has no responders: 503 too.
+    sub = FakeSub([nats.js.errors.ServiceUnavailableError()])
+    js = FakeJs(sub)
+    js.consumer_exists = False
+    consumer = Consumer(SETTINGS, js, ReadyChannel())  # type: ignore[arg-type]
+    consumer.start()
+    try:
+        await eventually(lambda: sub.fetches >= 2)
+        assert js.binds == 2  # bound again (which creates the consumer) after the 503
+    finally:
+        await consumer.stop(0)

@@ -1,0 +1,154 @@
+"""Pull requests to a durable consumer, answered into one subscription.
+
+nats-py 2.16's `PullSubscription.fetch` waits for each message of a batch with
+`next_msg`: a uuid, a task and an `asyncio.wait_for` per message, about a tenth of the
+sidecar's CPU when messages come in bursts. `Puller.fetch` asks JetStream the same
+things (`$JS.API.CONSUMER.MSG.NEXT`) and collects the answers from one subscription's
+callback:
+
+- first a `no_wait` request for the whole batch: the server sends what it has, then a
+  404 or 408 status if that was fewer;
+- when it had none, a request for ONE message that waits up to the timeout, so a quiet
+  consumer returns as soon as a message comes and no message waits in memory, unasked
+  for by the window, while its ack_wait runs.
+
+Each request has its own reply subject (the inbox and a number), so a status is
+matched to its request; a late status from one that timed out on this side ends
+nothing. Messages are the consumer's whichever request they answer: one that comes
+after its fetch gave up is handed out by the next fetch. A status other than 404, 408,
+409 or 100 (heartbeat) is raised as nats-py raises it (`APIError`, 503:
+`ServiceUnavailableError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import Header, StatusCode
+
+# Statuses that end a pull request without an error: no messages, the request expired,
+# a conflict (leadership change, too many waiting requests), as nats-py's fetch treats them.
+_ENDS = frozenset({StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT, StatusCode.CONFLICT})
+# How long before the caller's timeout the server is asked to expire a waiting request.
+_EXPIRY_MARGIN = 0.1
+
+
+class Puller:
+    """`fetch(batch, timeout)` and `unsubscribe()`, as a nats-py pull subscription has."""
+
+    def __init__(self, nc: Client, stream: str, durable: str) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._numbers = itertools.count(1)
+        self._msgs: collections.deque[Msg] = collections.deque()
+        self._request = ""  # the reply subject of the request being answered
+        self._ended = False  # the current request's status has come
+        self._error: nats.js.errors.APIError | None = None  # what that status refused
+        self._want = 0  # how many messages the waiting fetch needs to wake up
+        self._wake: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def bind(cls, nc: Client, stream: str, durable: str) -> Puller:
+        puller = cls(nc, stream, durable)
+        puller._prefix = nc.new_inbox() + "."
+        puller._sub = await nc.subscribe(puller._prefix + "*", cb=puller._on_msg)
+        return puller
+
+    async def unsubscribe(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    @property
+    def waiting(self) -> int:
+        """Messages received that no fetch has handed out yet."""
+        return len(self._msgs)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to `batch` messages; raises nats.errors.TimeoutError when none came in time."""
+        if self._sub is None:
+            raise nats.errors.BadSubscriptionError("the puller is unsubscribed")
+        if self._msgs:  # answers to an earlier request that came after its fetch gave up
+            return self._take(batch)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._ask({"batch": batch, "no_wait": True})
+        await self._wait(batch, deadline)
+        if not self._msgs and loop.time() < deadline - _EXPIRY_MARGIN:
+            expires = deadline - loop.time() - _EXPIRY_MARGIN
+            await self._ask({"batch": 1, "expires": int(expires * 1e9)})
+            await self._wait(1, deadline)
+        if self._msgs:
+            return self._take(batch)
+        if self._error is not None:
+            raise self._error
+        raise nats.errors.TimeoutError
+
+    async def _ask(self, request: dict[str, object]) -> None:
+        self._request = f"{self._prefix}{next(self._numbers)}"
+        self._ended = False
+        self._error = None
+        await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._request)
+
+    async def _wait(self, count: int, deadline: float) -> None:
+        """Until `count` messages are here, the request has ended, or the deadline."""
+        loop = asyncio.get_running_loop()
+        self._want = count
+        while len(self._msgs) < count and not self._ended:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._wake = loop.create_future()
+            timer = loop.call_later(left, _wake, self._wake)
+            try:
+                await self._wake
+            finally:
+                timer.cancel()
+                self._wake = None
+
+    def _take(self, batch: int) -> list[Msg]:
+        msgs = self._msgs
+        if len(msgs) <= batch:
+            self._msgs = collections.deque()
+            return list(msgs)
+        return [msgs.popleft() for _ in range(batch)]
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(Header.STATUS) if msg.headers and not msg.data else None
+        if status is None:
+            self._msgs.append(msg)
+            if len(self._msgs) < self._want:
+                return  # one wake-up per batch, not one per message
+        elif status == StatusCode.CONTROL_MESSAGE:
+            return
+        elif msg.subject != self._request:
+            return  # the end of a request this side has stopped waiting for
+        else:
+            self._ended = True
+            if status not in _ENDS:
+                self._error = _error_of(msg)
+        if self._wake is not None:
+            _wake(self._wake)
+
+
+def _error_of(msg: Msg) -> nats.js.errors.APIError:
+    try:
+        nats.js.errors.APIError.from_msg(msg)  # raises the matching error
+    except nats.js.errors.APIError as exc:
+        return exc
+    return nats.js.errors.APIError()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

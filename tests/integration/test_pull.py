@@ -1,0 +1,128 @@
+"""Puller against a real nats-server: batches, waiting, timeouts, and no message lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from deploy.local.nats import NatsServer
+from sidecar.message import position
+from sidecar.pull import Puller
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def stream(nc: Client, stream_name: str) -> AsyncIterator[str]:
+    js = nc.jetstream()
+    await js.add_stream(name=stream_name, subjects=[f"{stream_name}.>"])
+    await js.add_consumer(
+        stream_name,
+        ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+    )
+    yield stream_name
+    await js.delete_stream(stream_name)
+
+
+async def publish(nc: Client, stream: str, count: int, start: int = 0) -> None:
+    js = nc.jetstream()
+    for n in range(start, start + count):
+        await js.publish(f"{stream}.in", str(n).encode())
+
+
+async def test_a_fetch_takes_what_is_there_up_to_the_batch_in_stream_order(
+    nc: Client, stream: str
+) -> None:
+    await publish(nc, stream, 10)
+    puller = await Puller.bind(nc, stream, "d")
+
+    first = await puller.fetch(4, timeout=1.0)
+    rest = await puller.fetch(100, timeout=1.0)
+
+    assert [m.data for m in first] == [b"0", b"1", b"2", b"3"]
+    assert [m.data for m in rest] == [str(n).encode() for n in range(4, 10)]
+    assert {m.subject for m in first + rest} == {f"{stream}.in"}
+    assert [position(m) for m in first[:2]] == [(1, 1), (2, 1)]
+    await puller.unsubscribe()
+
+
+async def test_a_fetch_on_a_quiet_consumer_returns_as_soon_as_a_message_comes(
+    nc: Client, stream: str
+) -> None:
+    puller = await Puller.bind(nc, stream, "d")
+    fetching = asyncio.create_task(puller.fetch(32, timeout=5.0))
+    await asyncio.sleep(0.3)
+    sent = time.monotonic()
+    await publish(nc, stream, 1)
+
+    msgs = await fetching
+
+    assert [m.data for m in msgs] == [b"0"]
+    assert time.monotonic() - sent < 1.0, "a waiting fetch held a message back"
+    await puller.unsubscribe()
+
+
+async def test_a_fetch_with_nothing_there_times_out_and_the_next_gets_what_came(
+    nc: Client, stream: str
+) -> None:
+    puller = await Puller.bind(nc, stream, "d")
+    began = time.monotonic()
+
+    with pytest.raises(nats.errors.TimeoutError):
+        await puller.fetch(8, timeout=0.5)
+    assert 0.4 < time.monotonic() - began < 2.0
+
+    await publish(nc, stream, 3)
+    got: list[bytes] = []
+    while len(got) < 3:
+        got += [m.data for m in await puller.fetch(8, timeout=1.0)]
+    assert got == [b"0", b"1", b"2"]
+    await puller.unsubscribe()
+
+
+async def test_every_message_is_handed_out_once_and_acked_none_come_back(
+    nc: Client, stream: str
+) -> None:
+    await publish(nc, stream, 300)
+    puller = await Puller.bind(nc, stream, "d")
+    seen: list[int] = []
+
+    while len(seen) < 300:
+        msgs = await puller.fetch(32, timeout=1.0)
+        assert len(msgs) <= 32
+        for msg in msgs:
+            seen.append(int(msg.data))
+            await msg.ack()
+
+    assert seen == list(range(300))
+    with pytest.raises(nats.errors.TimeoutError):
+        await puller.fetch(32, timeout=0.5)
+    info = await nc.jetstream().consumer_info(stream, "d")
+    assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
+    await puller.unsubscribe()
+
+
+async def test_a_consumer_that_does_not_exist_is_an_error_not_a_wait(
+    nc: Client, stream: str
+) -> None:
+    puller = await Puller.bind(nc, stream, "nobody")
+
+    with pytest.raises((nats.js.errors.APIError, nats.errors.TimeoutError)) as caught:
+        await puller.fetch(8, timeout=1.0)
+    print(repr(caught.value))
+    await puller.unsubscribe()
