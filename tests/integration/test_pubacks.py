@@ -12,17 +12,9 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy
 
-from deploy.local.nats import NatsServer
 from sidecar.pubacks import PubAcks
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_server.url)
-    yield client
-    await client.close()
 
 
 @pytest.fixture
