@@ -108,7 +108,8 @@ def build_output(
 
     tracking_id, reply and replied are carried over; the previous tracking entries
     are kept and one is added for this node. Fields this version does not know (a newer
-    envelope's) are carried over too; an error is not.
+    envelope's) are carried over too; an error is not. The request is copied whole,
+    payload included: the sidecar clears its payload first (`MessageProcessor._process`).
     """
     output = KreNatsMessage()
     output.CopyFrom(request)  # one copy: half the time of copying the fields one by one

@@ -6,16 +6,19 @@ sidecar's CPU when messages come in bursts. `Puller.fetch` asks JetStream the sa
 things (`$JS.API.CONSUMER.MSG.NEXT`) and collects the answers from one subscription's
 callback:
 
-- first a `no_wait` request for the whole batch: the server sends what it has, then a
-  404 or 408 status if that was fewer;
+- first a `no_wait` request for the whole batch, expiring after 50 ms: the server sends
+  what it has at once;
 - when it had none, a request for ONE message that waits up to the timeout, so a quiet
-  consumer returns as soon as a message comes and no message waits in memory, unasked
-  for by the window, while its ack_wait runs.
+  consumer takes a message as soon as it comes, and the server is never asked for more
+  than the window has room for while the sidecar waits.
 
-Each request has its own reply subject (the inbox and a number), so a status is
+A fetch returns as soon as messages are there (all that came in together), up to the
+batch. Each request has its own reply subject (the inbox and a number), so a status is
 matched to its request; a late status from one that timed out on this side ends
 nothing. Messages are the consumer's whichever request they answer: one that comes
-after its fetch gave up is handed out by the next fetch. A status other than 404, 408,
+after its fetch returned is handed out by the next fetch, and nak'ed if the puller is
+unsubscribed first. While NATS is disconnected no request is sent: nats-py would buffer
+them all and the server answer them all at the reconnect. A status other than 404, 408,
 409 or 100 (heartbeat) is raised as nats-py raises it (`APIError`, 503:
 `ServiceUnavailableError`).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 
@@ -39,6 +43,11 @@ from nats.js.api import Header, StatusCode
 _ENDS = frozenset({StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT, StatusCode.CONFLICT})
 # How long before the caller's timeout the server is asked to expire a waiting request.
 _EXPIRY_MARGIN = 0.1
+# The first request's expiry. Without one, a `no_wait` request that the server cannot
+# answer yet (the consumer is at max_ack_pending, shared with other replicas) stays open
+# and is filled later, unasked for; with one, the server holds it that long when it has
+# nothing (nats-server treats no_wait with expires as a short wait).
+_PROBE_EXPIRES_NS = 50_000_000
 
 
 class Puller:
@@ -54,7 +63,6 @@ class Puller:
         self._request = ""  # the reply subject of the request being answered
         self._ended = False  # the current request's status has come
         self._error: nats.js.errors.APIError | None = None  # what that status refused
-        self._want = 0  # how many messages the waiting fetch needs to wake up
         self._wake: asyncio.Future[None] | None = None
 
     @classmethod
@@ -65,9 +73,14 @@ class Puller:
         return puller
 
     async def unsubscribe(self) -> None:
+        """Stop taking answers; messages received but not handed out are nak'ed."""
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.unsubscribe()
+        held, self._msgs = self._msgs, collections.deque()
+        for msg in held:  # back to the stream now, not after their ack_wait
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
 
     @property
     def waiting(self) -> int:
@@ -78,16 +91,21 @@ class Puller:
         """Up to `batch` messages; raises nats.errors.TimeoutError when none came in time."""
         if self._sub is None:
             raise nats.errors.BadSubscriptionError("the puller is unsubscribed")
-        if self._msgs:  # answers to an earlier request that came after its fetch gave up
+        if self._msgs:  # answers that came after their fetch had returned
             return self._take(batch)
+        if not self._nc.is_connected:
+            # Requests published now would wait in nats-py's buffer and all be answered
+            # at the reconnect: hundreds of messages nobody asked for.
+            await asyncio.sleep(timeout)
+            raise nats.errors.TimeoutError
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self._ask({"batch": batch, "no_wait": True})
-        await self._wait(batch, deadline)
-        if not self._msgs and loop.time() < deadline - _EXPIRY_MARGIN:
-            expires = deadline - loop.time() - _EXPIRY_MARGIN
-            await self._ask({"batch": 1, "expires": int(expires * 1e9)})
-            await self._wait(1, deadline)
+        await self._ask({"batch": batch, "no_wait": True, "expires": _PROBE_EXPIRES_NS})
+        await self._wait(deadline)
+        left = deadline - loop.time() - _EXPIRY_MARGIN
+        if not self._msgs and self._error is None and left > 0:
+            await self._ask({"batch": 1, "expires": int(left * 1e9)})
+            await self._wait(deadline)
         if self._msgs:
             return self._take(batch)
         if self._error is not None:
@@ -100,11 +118,14 @@ class Puller:
         self._error = None
         await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._request)
 
-    async def _wait(self, count: int, deadline: float) -> None:
-        """Until `count` messages are here, the request has ended, or the deadline."""
+    async def _wait(self, deadline: float) -> None:
+        """Until messages are here, the request has ended, or the deadline.
+
+        Woken by the first message: by then nats-py has read every message that came
+        with it, and its subscription task hands them all over before this runs again.
+        """
         loop = asyncio.get_running_loop()
-        self._want = count
-        while len(self._msgs) < count and not self._ended:
+        while not self._msgs and not self._ended:
             left = deadline - loop.time()
             if left <= 0:
                 return
@@ -127,8 +148,6 @@ class Puller:
         status = msg.headers.get(Header.STATUS) if msg.headers and not msg.data else None
         if status is None:
             self._msgs.append(msg)
-            if len(self._msgs) < self._want:
-                return  # one wake-up per batch, not one per message
         elif status == StatusCode.CONTROL_MESSAGE:
             return
         elif msg.subject != self._request:
