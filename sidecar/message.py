@@ -317,8 +317,12 @@ class _EarlyReplies:
             return
         reply = envelope.build_early_reply(self.request, payload)
         try:
-            data = envelope.encode(
-                reply, settings.max_payload_bytes, self.processor.policy.publish_limit
+            data = await _off_loop_if_big(  # a big one is gzipped in a worker thread
+                payload.ByteSize(),
+                envelope.encode,
+                reply,
+                settings.max_payload_bytes,
+                self.processor.policy.publish_limit,
             )
             await self.processor.publish(settings.entrypoint_subject, data, self.msg_id)
         except PayloadTooLargeError as exc:

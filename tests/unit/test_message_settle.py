@@ -109,3 +109,45 @@ async def test_a_gzipped_input_reports_its_gunzipped_size_and_reaches_the_host_w
     assert decoded == [len(plain)]  # the consumer counts that in its window
     assert sent[0].message == envelope  # the whole envelope, payload included
     assert facts.tracking_id == "t-1"
+
+
+async def test_a_big_early_reply_is_gzipped_off_the_event_loop_and_published(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gzip
+    import threading
+
+    from google.protobuf import any_pb2, wrappers_pb2
+
+    from protos.kre_nats_msg_pb2 import KreNatsMessage
+    from sidecar import envelope
+    from sidecar.message import _EarlyReplies
+
+    settings = SidecarSettings.from_env({**ENV, "KRT_NATS_ENTRYPOINT_SUBJECT": "wf.entry"})
+    processor = MessageProcessor(settings, js=None, channel=None)  # type: ignore[arg-type]
+    published: list[tuple[str, bytes, str]] = []
+
+    async def publish(subject: str, data: bytes, msg_id: str) -> None:
+        published.append((subject, data, msg_id))
+
+    encoded_on: list[str] = []
+    encode = envelope.encode
+
+    def recording_encode(*args: Any) -> bytes:
+        encoded_on.append(threading.current_thread().name)
+        return encode(*args)
+
+    monkeypatch.setattr(processor, "publish", publish)
+    monkeypatch.setattr(envelope, "encode", recording_encode)
+    payload = any_pb2.Any()
+    payload.Pack(wrappers_pb2.BytesValue(value=b"early " * 400_000))  # 2.4 MB: over 1 MiB
+    replies = _EarlyReplies(processor, "wf:42:node-a:early", KreNatsMessage(tracking_id="t-9"))
+
+    await replies.send(payload)
+
+    assert replies.sent and replies.failure is None
+    assert encoded_on and encoded_on[0] != threading.current_thread().name
+    [(subject, data, msg_id)] = published
+    assert (subject, msg_id) == ("wf.entry", "wf:42:node-a:early")
+    reply = KreNatsMessage.FromString(gzip.decompress(data))
+    assert reply.tracking_id == "t-9" and reply.replied and reply.payload == payload
