@@ -1,8 +1,9 @@
 """Pull requests to a durable consumer, answered into one subscription.
 
 nats-py 2.16's `PullSubscription.fetch` waits for each message of a batch with
-`next_msg`: a uuid, a task and an `asyncio.wait_for` per message, about a tenth of the
-sidecar's CPU when messages come in bursts. `Puller.fetch` asks JetStream the same
+`next_msg`: a uuid, a task and an `asyncio.wait_for` per message. Replacing it took
+about a fifth off the sidecar's CPU per message when messages come in bursts
+(docs/performance.md, finding 13). `Puller.fetch` asks JetStream the same
 things (`$JS.API.CONSUMER.MSG.NEXT`) and collects the answers from one subscription's
 callback:
 
