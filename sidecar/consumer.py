@@ -233,7 +233,8 @@ class Consumer:
     def _batch(self, slots: int) -> int:
         """How many messages to ask for: the free slots, within the byte limits.
 
-        nats-py's `fetch` cannot send a pull request's `max_bytes`, so sizes are
+        The pull request's `max_bytes` is not sent (the server answers 409 rather than
+        send a message bigger than it, which would stall a small budget), so sizes are
         estimated. What the server may push in one go is counted at its max_payload:
         at most FETCH_MAX_BYTES. The room left under the byte budget is counted at the
         size of recent messages (`_size_hint`): counted at max_payload too, a budget of
