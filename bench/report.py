@@ -10,6 +10,7 @@ from bench.procstat import Usage
 from bench.stream import Tally
 
 ORIGINAL_RUNNER_100KB = 409.0  # msgs/s, the KRE Python runner on this kind of machine
+BIG_CASES = ("c", "d")  # 100 KB and 2 MB messages: the sidecar holds them
 
 
 @dataclass
@@ -122,11 +123,27 @@ def references(rows: list[Row]) -> list[str]:
             f"(a) split / bare loop awaiting each PubAck (issue 5's ~3,500 msgs/s loop): "
             f"{split.rate / each.rate:.2f}"
         )
+    return lines + _big_message_memory(rows)
+
+
+def _big_message_memory(rows: list[Row]) -> list[str]:
+    """The sidecar's peak with (c)'s and (d)'s messages held, beside the bare loop's."""
+    lines = []
+    for key in BIG_CASES:
+        split = next((r for r in rows if r.impl == "split" and r.case.key == key), None)
+        if split is None or not (usage := split.usage.get("sidecar")) or not usage.hwm_mb:
+            continue
+        line = f"({key}) sidecar peak RSS, holding its messages: {usage.hwm_mb:.0f} MB"
+        base = next((r for r in rows if r.impl == "baseline" and r.case.key == key), None)
+        if base is not None and (loop := base.usage.get("sidecar")) and loop.hwm_mb:
+            line += f" (the bare loop: {loop.hwm_mb:.0f} MB)"
+        lines.append(line)
     return lines
 
 
 def targets(rows: list[Row]) -> list[Target]:
     split = {r.case.key: r for r in rows if r.impl == "split"}
+    small = {key: row for key, row in split.items() if key not in BIG_CASES}
     ratio = ratios(rows)
     found = [
         _at_least("(a) split / bare-loop baseline", ratio.get("a"), 0.60, "{:.2f}"),
@@ -138,7 +155,9 @@ def targets(rows: list[Row]) -> list[Target]:
             2 * ORIGINAL_RUNNER_100KB,
             "{:.0f} msgs/s",
         ),
-        _at_most(*_peak(split, "sidecar"), 40, "{:.1f} MB"),
+        # The sidecar's own footprint: with 100 KB and 2 MB messages it also holds up to
+        # KRT_MAX_IN_FLIGHT_BYTES of them, several times over (listed above the targets).
+        _at_most(*_peak(small, "sidecar", "100 B cases"), 40, "{:.1f} MB"),
         _at_most(*_peak(split, "host"), 80, "{:.1f} MB"),
     ]
     lost = sum(r.tally.lost for r in rows)
@@ -157,13 +176,14 @@ def _get(rows: dict[str, Row], key: str, attr: str) -> float | None:
 PROCESS_NAMES = {"sidecar": "sidecar", "host": "handler host"}
 
 
-def _peak(rows: dict[str, Row], proc: str) -> tuple[str, float | None]:
-    """(the target's name, saying which case peaked; the highest VmHWM of all cases)."""
+def _peak(rows: dict[str, Row], proc: str, which: str = "") -> tuple[str, float | None]:
+    """(the target's name, saying which case peaked; the highest VmHWM of these cases)."""
+    name = f"{PROCESS_NAMES[proc]} peak RSS" + (f", {which}" if which else "")
     peaks = [(u.hwm_mb, key) for key, r in rows.items() if (u := r.usage.get(proc)) and u.hwm_mb]
     if not peaks:
-        return f"{PROCESS_NAMES[proc]} peak RSS", None
+        return name, None
     value, key = max(peaks)
-    return f"{PROCESS_NAMES[proc]} peak RSS (highest: ({key}))", value
+    return f"{name} (highest: ({key}))", value
 
 
 def _at_least(name: str, value: float | None, floor: float, fmt: str) -> Target:

@@ -15,23 +15,36 @@ are serialized once, in `call()`, and a batch is their bytes framed as the repea
 field they are: nothing is parsed or copied again on the way. A host without
 ProcessBatch (an older image) answers UNIMPLEMENTED; the channel then uses `Process`,
 one Delivery per stream message, for as long as it lives.
+
+The client is grpclib (gRPC in Python over `h2`), not grpcio: the sidecar needs only a
+client, and grpcio's C core is about 14 MB of a running sidecar's memory, grpclib 2
+(docs/performance.md, finding 12). The host serves with grpcio; they speak plain gRPC.
+The health messages are built in a descriptor pool of this module's own, so a process
+that also loads grpcio's `grpc_health` (a test, say) has no clash of proto names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import collections
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import NamedTuple
 
-import grpc
-from google.protobuf import any_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+import h2.exceptions
+import hyperframe.frame
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
+from grpclib.client import Channel, Stream
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Status
+from grpclib.encoding.base import CodecBase
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from protos import runner_pb2
 from sidecar.errors import HandlerUnavailable
+from sidecar.settings import handler_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +55,15 @@ POLL_INTERVAL = 1.0
 
 EarlyReplyCallback = Callable[[any_pb2.Any], Awaitable[None]]
 _Item = runner_pb2.Event | HandlerUnavailable
-_SERVING = health_pb2.HealthCheckResponse.SERVING
 PROCESS_BATCH = "/kre.runner.v1.HandlerHost/ProcessBatch"
 PROCESS = "/kre.runner.v1.HandlerHost/Process"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# grpc.health.v1.HealthCheckResponse.ServingStatus
+_STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+_SERVING = 1
+# What a broken connection or stream raises in grpclib (GRPCError aside).
+_BROKEN = (OSError, StreamTerminatedError, ProtocolError, h2.exceptions.H2Error)
 # A DeliveryBatch stops taking deliveries at this size (one bigger Delivery goes alone).
 # Small enough that batching adds no big buffers: 4 MiB gave case (c) of the benchmark
 # (100 KB messages) 30% more RSS in both processes and a lower rate than 1 MiB.
@@ -61,15 +80,51 @@ class _Request(NamedTuple):
     parts: tuple[bytes, ...]
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # grpc's own reconnect backoff grows to minutes; the host is in the same pod.
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
+def _health_types() -> tuple[type, type]:
+    """grpc.health.v1's HealthCheckRequest and HealthCheckResponse, in a pool of our own."""
+    field = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="sidecar/grpc_health_v1.proto", package="grpc.health.v1", syntax="proto3"
+    )
+    request = proto.message_type.add(name="HealthCheckRequest")
+    request.field.add(name="service", number=1, type=field.TYPE_STRING)
+    response = proto.message_type.add(name="HealthCheckResponse")
+    response.field.add(name="status", number=1, type=field.TYPE_INT32)  # an enum's varint
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{proto.package}.{name}"))
+        for name in ("HealthCheckRequest", "HealthCheckResponse")
+    )  # type: ignore[return-value]
+
+
+HealthCheckRequest, HealthCheckResponse = _health_types()
+
+
+def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
+    """What hyperframe shows of a DATA frame's body, without hex-encoding all of it.
+
+    h2 formats every frame it receives for a trace log line, logging on or off, and
+    hyperframe's repr hex-encodes a whole body to keep its first 20 digits: 11% of the
+    sidecar's CPU with 100 KB messages. The same text (padding aside), from 11 bytes.
+    """
+    head = binascii.hexlify(bytes(frame.data[:11])).decode("ascii")
+    return f"<hex:{head[:20]}...>" if len(head) > 20 else f"<hex:{head}>" if head else "None"
+
+
+hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign]
+
+
+class _Codec(CodecBase):
+    """Requests go out as the bytes they are given (serialized once, by the caller)."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: bytes, message_type: object) -> bytes:
+        return message
+
+    def decode(self, data: bytes, message_type: type) -> object:
+        return message_type.FromString(data)  # type: ignore[attr-defined]
 
 
 class HandlerChannel:
@@ -85,7 +140,7 @@ class HandlerChannel:
         self._max_message_bytes = max_message_bytes
         # The safety net behind the host's own KRT_HANDLER_TIMEOUT; None: wait forever.
         self._result_timeout = result_timeout
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: Channel | None = None
         self._serving = asyncio.Event()
         self._ready = asyncio.Event()
         self._requests: asyncio.Queue[_Request | None] | None = None
@@ -116,9 +171,8 @@ class HandlerChannel:
         return await self._ready.wait()
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            self.address, options=channel_options(self._max_message_bytes)
-        )
+        host, port, path = handler_endpoint(self.address)
+        self._channel = Channel(host, port, path=path, codec=_Codec(), config=Configuration())
         self.status = "waiting for the handler host"
         log.info("handler channel to %s started", self.address)
         self._tasks = [
@@ -135,7 +189,7 @@ class HandlerChannel:
         self._serving.clear()
         self._update_ready("channel closed")
         if self._channel is not None:
-            await self._channel.close()
+            self._channel.close()
             self._channel = None
         log.info("handler channel to %s closed", self.address)
 
@@ -212,36 +266,57 @@ class HandlerChannel:
             self.status = "handler stream not open" if serving else (why or "not serving")
 
     async def _follow_health(self) -> None:
-        assert self._channel is not None
-        stub = health_pb2_grpc.HealthStub(self._channel)
         delay = MIN_BACKOFF
         while True:
-            why, heard = await self._watch_health(stub)
+            why, heard = await self._watch_health()
             self._set_serving(False, why)
             delay = MIN_BACKOFF if heard else min(delay * 2, MAX_BACKOFF)
             await asyncio.sleep(delay)
 
-    async def _watch_health(self, stub: health_pb2_grpc.HealthStub) -> tuple[str, bool]:
+    async def _watch_health(self) -> tuple[str, bool]:
         """Follow the host's status until the watch ends; say why and whether it answered."""
-        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        assert self._channel is not None
+        request = HealthCheckRequest(service=SERVICE_NAME).SerializeToString()
         heard = False
         try:
             if self._poll_health:
                 while True:
-                    reply = await stub.Check(request, timeout=POLL_INTERVAL * 5)
+                    reply = await self._check_health(request)
                     heard = True
                     self._set_serving(reply.status == _SERVING, _status_name(reply.status))
                     await asyncio.sleep(POLL_INTERVAL)
-            async for reply in stub.Watch(request):
-                heard = True
-                self._set_serving(reply.status == _SERVING, _status_name(reply.status))
+            watch = self._channel.request(
+                HEALTH_WATCH, Cardinality.UNARY_STREAM, bytes, HealthCheckResponse
+            )
+            async with watch as stream:
+                await stream.send_message(request, end=True)
+                async for reply in stream:
+                    heard = True
+                    self._set_serving(reply.status == _SERVING, _status_name(reply.status))
             return "the health watch ended", heard
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not self._poll_health:
+        except GRPCError as exc:
+            if exc.status is Status.UNIMPLEMENTED and not self._poll_health:
                 log.info("handler host has no health Watch; polling Check every %ss", POLL_INTERVAL)
                 self._poll_health = True
                 return "switching to health Check polling", True
             return _rpc_reason(exc), heard
+        except TimeoutError:
+            return f"no health answer within {POLL_INTERVAL * 5:g}s", heard
+        except _BROKEN as exc:
+            return _broken_reason(exc), heard
+
+    async def _check_health(self, request: bytes) -> object:
+        assert self._channel is not None
+        check = self._channel.request(
+            HEALTH_CHECK,
+            Cardinality.UNARY_UNARY,
+            bytes,
+            HealthCheckResponse,
+            timeout=POLL_INTERVAL * 5,
+        )
+        async with check as stream:
+            await stream.send_message(request, end=True)
+            return await stream.recv_message()
 
     # The ProcessBatch (or Process) stream
 
@@ -271,45 +346,47 @@ class HandlerChannel:
         requests: asyncio.Queue[_Request | None] = asyncio.Queue()
         batched = self._batched
         if batched:
-            stream = self._channel.stream_stream(
-                PROCESS_BATCH,
-                request_serializer=_as_is,
-                response_deserializer=runner_pb2.EventBatch.FromString,
-            )(_batches(requests, min(BATCH_BYTES, self._max_message_bytes)))
+            method, reply_type = PROCESS_BATCH, runner_pb2.EventBatch
+            source = _batches(requests, min(BATCH_BYTES, self._max_message_bytes))
         else:
-            stream = self._channel.stream_stream(
-                PROCESS,
-                request_serializer=_as_is,
-                response_deserializer=runner_pb2.Event.FromString,
-            )(_one_by_one(requests))
+            method, reply_type = PROCESS, runner_pb2.Event
+            source = _one_by_one(requests)
         try:
-            if batched:
-                # The host sends its headers at once when it takes the stream.
-                await stream.initial_metadata()
-                if stream.done():  # refused: UNIMPLEMENTED from an older host, or shutting down
-                    code = await stream.code()
-                    if code == grpc.StatusCode.UNIMPLEMENTED:
-                        return self._use_process()
-                    return f"{code.name}: {await stream.details()}"
-            self._requests = requests
-            self._update_ready()
-            log.info("%s stream to the handler host opened", _method_name(batched))
-            async for item in stream:
+            call = self._channel.request(method, Cardinality.STREAM_STREAM, bytes, reply_type)
+            async with call as stream:
+                await stream.send_request()
                 if batched:
-                    for event in item.events:
-                        self._route(event)
-                else:
-                    self._route(item)
-            return "the handler host ended the stream"
-        except grpc.aio.AioRpcError as exc:
-            if batched and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # The host sends its headers at once when it takes the stream; refused
+                    # (an older host's UNIMPLEMENTED, or shutting down), with the status.
+                    await stream.recv_initial_metadata()
+                self._requests = requests
+                self._update_ready()
+                log.info("%s stream to the handler host opened", _method_name(batched))
+                return await _first_ending(self._read(stream, batched), _write(stream, source))
+        except GRPCError as exc:
+            if batched and exc.status is Status.UNIMPLEMENTED:
                 return self._use_process()
             return _rpc_reason(exc)
+        except _BROKEN as exc:
+            return _broken_reason(exc)
         finally:
             self._requests = None
             self._update_ready("stream closed")
-            requests.put_nowait(None)
-            stream.cancel()
+            await source.aclose()
+
+    async def _read(self, stream: Stream[bytes, object], batched: bool) -> str:
+        """Route the host's events until it ends the stream; say how it ended."""
+        route = self._route
+        while (item := await stream.recv_message()) is not None:
+            if batched:
+                for event in item.events:  # type: ignore[attr-defined]
+                    route(event)
+            else:
+                route(item)  # type: ignore[arg-type]
+        # The host closed its side: its status is in the trailers, read once ours is ended.
+        await stream.end()
+        await stream.recv_trailing_metadata()  # raises GRPCError unless OK
+        return "the handler host ended the stream"
 
     def _use_process(self) -> None:
         self._batched = False
@@ -358,6 +435,25 @@ async def _result(events: _Call, on_early_reply: EarlyReplyCallback) -> runner_p
         if item.WhichOneof("kind") == "result":
             return item.result
         await on_early_reply(item.early_reply)
+
+
+async def _first_ending(*coroutines: Coroutine[None, None, str]) -> str:
+    """Run the coroutines until one ends; cancel the others; its result (or error) is ours."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return done.pop().result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _write(stream: Stream[bytes, object], source: AsyncIterator[bytes]) -> str:
+    """Send what `source` gives, each as one stream message, until it ends."""
+    async for data in source:
+        await stream.send_message(data)
+    return "the stream was closed"
 
 
 async def _one_by_one(requests: asyncio.Queue[_Request | None]) -> AsyncIterator[bytes]:
@@ -414,13 +510,18 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _as_is(data: bytes) -> bytes:
-    return data
-
-
 def _status_name(status: int) -> str:
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    return _STATUS_NAMES.get(status, f"status {status}")
 
 
-def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:
-    return f"{exc.code().name}: {exc.details()}"
+def _rpc_reason(exc: GRPCError) -> str:
+    return f"{exc.status.name}: {exc.message}"
+
+
+def _broken_reason(exc: BaseException) -> str:
+    """What a connection or stream failure says, for a log line and /readyz."""
+    if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
+        return f"UNAVAILABLE: cannot connect ({exc.strerror or exc})"
+    if isinstance(exc, StreamTerminatedError):
+        return f"UNAVAILABLE: the stream was reset ({exc})"
+    return f"UNAVAILABLE: {type(exc).__name__}: {exc}"

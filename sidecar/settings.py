@@ -33,6 +33,28 @@ _LOG_LEVELS = frozenset({"CRITICAL", "FATAL", "ERROR", "WARNING", "INFO", "DEBUG
 DEFAULT_IN_FLIGHT_BYTES = 8 * MIB
 
 
+def handler_endpoint(address: str) -> tuple[str | None, int | None, str | None]:
+    """(host, port, socket path) of a gRPC address: `unix:///path`, `unix:path`,
+    `unix-abstract:name`, `HOST:PORT` or `[IPv6]:PORT` (the forms the handler host
+    listens on). Raises ValueError, saying what is expected."""
+    if address.startswith("unix-abstract:"):
+        return None, None, "\0" + address.removeprefix("unix-abstract:")
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:")
+        if path.startswith("//"):  # unix:///abs/path; unix://rel is not a form gRPC knows
+            path = path.removeprefix("//")
+            if not path.startswith("/"):
+                raise ValueError("expected unix:///absolute/path.sock or unix:relative.sock")
+        if not path:
+            raise ValueError("the socket path is empty")
+        return None, None, path
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected unix:///path/to.sock or HOST:PORT")
+    return host, int(port), None
+
+
 @dataclass(frozen=True)
 class SidecarSettings:
     node_name: str
@@ -83,7 +105,7 @@ class SidecarSettings:
             entrypoint_subject=entrypoint,
             is_last_node=reader.boolean("KRT_IS_LAST_NODE", False),
             durable=reader.text("KRT_NATS_DURABLE") or sanitize_durable(node_name),
-            handler_address=reader.text("KRT_HANDLER_ADDRESS") or DEFAULT_HANDLER_ADDRESS,
+            handler_address=reader.address("KRT_HANDLER_ADDRESS"),
             max_in_flight=reader.integer("KRT_MAX_IN_FLIGHT", 64, minimum=1),
             max_in_flight_bytes=reader.integer(
                 "KRT_MAX_IN_FLIGHT_BYTES", DEFAULT_IN_FLIGHT_BYTES, minimum=1
@@ -179,6 +201,14 @@ class _EnvReader:
                 "KRT_NATS_OUTPUT is empty and KRT_NATS_ENTRYPOINT_SUBJECT is not set"
             )
         return output
+
+    def address(self, name: str) -> str:
+        address = self.text(name) or DEFAULT_HANDLER_ADDRESS
+        try:
+            handler_endpoint(address)
+        except ValueError as exc:
+            self.problems.append(f"{name}={address!r}: {exc}")
+        return address
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self.text(name).lower()

@@ -172,6 +172,17 @@ def test_handler_image_has_no_nats_client(pyproject) -> None:
     assert "nats-py" not in extras
 
 
+def test_sidecar_image_has_no_grpcio(pyproject) -> None:
+    # The sidecar's gRPC client is grpclib: grpcio's C core would be a third of its memory.
+    build = " ".join(pip_lines(parse(SIDECAR.dockerfile)))
+    assert '-c "import grpc"' in build
+    extras = _closure(_requirements(pyproject["project"], SIDECAR.extra))
+    assert "grpclib" in extras
+    assert not {"grpcio", "grpcio-health-checking"} & extras
+    for path, module in _imports(SIDECAR.package):
+        assert module.split(".")[0] not in {"grpc", "grpc_health"}, f"{path} imports {module}"
+
+
 @pytest.mark.parametrize("extra", IMAGES)
 def test_the_process_imports_nothing_of_the_other(extra: str) -> None:
     image = IMAGES[extra]

@@ -96,13 +96,23 @@ class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
             yield runner_pb2.EventBatch(events=[event])
 
 
+class CheckOnlyHealth(health.aio.HealthServicer):
+    """A health service without Watch, as some gRPC servers have."""
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        yield  # an async generator, as grpc expects of a streaming method
+
+
 class RunningHost:
     """A started fake host: its server, its health servicer and the servicer itself."""
 
-    def __init__(self, address: str, host: FakeHandlerHost) -> None:
+    def __init__(
+        self, address: str, host: FakeHandlerHost, health_servicer: Any | None = None
+    ) -> None:
         self.address = address
         self.host = host
-        self.health = health.aio.HealthServicer()
+        self.health = health_servicer or health.aio.HealthServicer()
         self.server = grpc.aio.server()
         runner_pb2_grpc.add_HandlerHostServicer_to_server(host, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

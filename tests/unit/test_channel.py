@@ -17,6 +17,7 @@ from sidecar import channel as channel_module
 from sidecar.channel import HandlerChannel
 from sidecar.errors import HandlerUnavailable
 from tests.unit.fake_handler_host import (
+    CheckOnlyHealth,
     Emit,
     FakeHandlerHost,
     Respond,
@@ -372,3 +373,45 @@ async def test_a_batch_counts_the_framing_of_each_delivery() -> None:
     sizes = [len(data) async for data in channel_module._batches(requests, cap)]
 
     assert sum(sizes) > cap and all(size <= cap for size in sizes), sizes
+
+
+async def test_a_host_without_health_watch_is_polled_with_check(address: str) -> None:
+    host = await RunningHost(address, FakeHandlerHost(), CheckOnlyHealth()).start()
+    chan = HandlerChannel(address)
+    await chan.start()
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        assert text_of((await chan.call(delivery("polled"), no_early_reply)).payload) == (
+            "hello polled"
+        )
+        await host.set_serving(False)  # seen at the next Check, a second later
+        await eventually(lambda: not chan.serving, timeout=5)
+        assert chan.status == "NOT_SERVING"
+    finally:
+        await chan.close()
+        await host.stop()
+
+
+async def test_the_health_messages_live_beside_grpc_health() -> None:
+    # The sidecar's own copies of grpc.health.v1's messages share no descriptor pool with
+    # grpcio's (both are loaded here): the same bytes on the wire, no clash of names.
+    from grpc_health.v1 import health_pb2
+
+    ours = channel_module.HealthCheckRequest(service="kre.runner.v1.HandlerHost")
+    theirs = health_pb2.HealthCheckRequest.FromString(ours.SerializeToString())
+    assert theirs.service == "kre.runner.v1.HandlerHost"
+    wire = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert channel_module.HealthCheckResponse.FromString(wire.SerializeToString()).status == 2
+
+
+@pytest.mark.parametrize("size", [0, 1, 10, 11, 100_000])
+def test_a_data_frame_shows_as_hyperframe_shows_it(size: int) -> None:
+    # h2 formats each frame it receives, logging or not; the sidecar's DATA frame repr
+    # reads 11 bytes instead of hex-encoding the whole body, and says the same.
+    import hyperframe.frame
+
+    assert hyperframe.frame.DataFrame._body_repr is channel_module._data_frame_body_repr
+    frame = hyperframe.frame.DataFrame(
+        1, data=bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    )
+    assert frame._body_repr() == hyperframe.frame._raw_data_repr(frame.serialize_body())

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from sidecar.errors import SettingsError
-from sidecar.settings import DEFAULT_HANDLER_ADDRESS, SidecarSettings, sanitize_durable
+from sidecar.settings import (
+    DEFAULT_HANDLER_ADDRESS,
+    SidecarSettings,
+    handler_endpoint,
+    sanitize_durable,
+)
 
 BASE = {
     "KRT_NODE_NAME": "node-a",
@@ -227,3 +232,31 @@ def test_handler_timeout_and_the_sidecar_safety_net() -> None:
     assert s.result_timeout == 65.0
     with pytest.raises(SettingsError, match="KRT_HANDLER_TIMEOUT"):
         settings(KRT_HANDLER_TIMEOUT="-1")
+
+
+@pytest.mark.parametrize(
+    ("address", "endpoint"),
+    [
+        ("unix:///var/run/kre/handler.sock", (None, None, "/var/run/kre/handler.sock")),
+        ("unix:/tmp/h.sock", (None, None, "/tmp/h.sock")),
+        ("unix:run/h.sock", (None, None, "run/h.sock")),
+        ("unix-abstract:kre-handler", (None, None, "\0kre-handler")),
+        ("127.0.0.1:50051", ("127.0.0.1", 50051, None)),
+        ("localhost:7000", ("localhost", 7000, None)),
+        ("[::1]:50051", ("::1", 50051, None)),
+    ],
+)
+def test_handler_addresses_the_handler_host_listens_on(address: str, endpoint: tuple) -> None:
+    assert handler_endpoint(address) == endpoint
+    assert settings(KRT_HANDLER_ADDRESS=address).handler_address == address
+
+
+@pytest.mark.parametrize(
+    "address", ["unix://relative.sock", "unix:", "127.0.0.1", "host:port", ":50051", "h:70000"]
+)
+def test_a_handler_address_of_no_known_form_is_refused(address: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(KRT_HANDLER_ADDRESS=address)
+    [problem] = info.value.problems
+    assert problem.startswith(f"KRT_HANDLER_ADDRESS={address!r}: ")
+    assert "unix://" in problem or "empty" in problem
