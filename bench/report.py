@@ -135,7 +135,7 @@ def _big_message_memory(rows: list[Row]) -> list[str]:
             continue
         line = f"({key}) sidecar peak RSS, holding its messages: {usage.hwm_mb:.0f} MB"
         base = next((r for r in rows if r.impl == "baseline" and r.case.key == key), None)
-        if base is not None and (loop := base.usage.get("sidecar")) and loop.hwm_mb:
+        if base is not None and (loop := base.usage.get("loop")) and loop.hwm_mb:
             line += f" (the bare loop: {loop.hwm_mb:.0f} MB)"
         lines.append(line)
     return lines

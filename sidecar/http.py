@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sidecar import metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class HealthServer:
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
         if target == "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+            return "200 OK", metrics.CONTENT_TYPE, metrics.exposition()
         probes = {"/healthz": self._alive, "/readyz": self._ready}
         probe = probes.get(target)
         if probe is None:

@@ -1,16 +1,37 @@
-"""The sidecar's /metrics: what the message path counts is what Prometheus reads."""
+"""The sidecar's /metrics: what the message path counts is what Prometheus reads.
+
+The exposition is the sidecar's own; these tests read it with prometheus_client's text
+parser, as a Prometheus server would.
+"""
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
+import time
+
 import pytest
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import metrics
 
 
+def samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = metrics.exposition().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def value(name: str, **labels: str) -> float:
-    found = REGISTRY.get_sample_value(name, labels)
-    return 0.0 if found is None else found
+    return samples().get((name, frozenset(labels.items())), 0.0)
+
+
+def generate_latest() -> bytes:
+    return metrics.exposition()
 
 
 def test_counts_by_label_show_as_prometheus_counters() -> None:
@@ -80,3 +101,47 @@ def test_the_exposition_names_every_documented_family() -> None:
         ("kre_sidecar_compressions_total", "counter"),
     ):
         assert f"# TYPE {family} {kind}\n" in text, family
+
+
+def test_every_family_parses_and_says_its_type() -> None:
+    text = metrics.exposition().decode()
+    assert text.endswith("\n")
+    families = {family.name: family.type for family in text_string_to_metric_families(text)}
+    assert families["kre_sidecar_messages"] == "counter"
+    assert families["kre_sidecar_in_flight"] == "gauge"
+    assert families["kre_sidecar_handler_seconds"] == "histogram"
+    assert families["process_resident_memory_bytes"] == "gauge"
+    assert families["python_gc_collections"] == "counter"
+
+
+def test_label_values_are_escaped() -> None:
+    metrics.published('odd "kind"\\n').inc()
+    try:
+        assert value("kre_sidecar_published_total", kind='odd "kind"\\n') == 1
+    finally:
+        del metrics.PUBLISHED.children['odd "kind"\\n']
+
+
+def test_process_families_read_this_process() -> None:
+    with open("/proc/self/status") as status:
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    assert value("process_resident_memory_bytes") == pytest.approx(rss_kb * 1024, rel=0.2)
+    assert value("process_virtual_memory_bytes") > value("process_resident_memory_bytes")
+    started = value("process_start_time_seconds")
+    assert time.time() - 3600 < started <= time.time()
+    assert 0 < value("process_cpu_seconds_total") <= time.process_time() + 1
+    assert value("process_open_fds") == pytest.approx(len(os.listdir("/proc/self/fd")), abs=3)
+    assert value("process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def test_python_info_names_this_interpreter() -> None:
+    major, minor, patch = platform.python_version_tuple()
+    labels = {
+        "implementation": platform.python_implementation(),
+        "major": major,
+        "minor": minor,
+        "patchlevel": patch,
+        "version": platform.python_version(),
+    }
+    assert value("python_info", **labels) == 1.0
+    assert value("python_gc_collections_total", generation="0") > 0
