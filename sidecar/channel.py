@@ -30,6 +30,7 @@ import binascii
 import collections
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import NamedTuple
 
@@ -41,6 +42,7 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 
 from protos import runner_pb2
 from sidecar.errors import HandlerUnavailable
@@ -57,6 +59,7 @@ EarlyReplyCallback = Callable[[any_pb2.Any], Awaitable[None]]
 _Item = runner_pb2.Event | HandlerUnavailable
 PROCESS_BATCH = "/kre.runner.v1.HandlerHost/ProcessBatch"
 PROCESS = "/kre.runner.v1.HandlerHost/Process"
+ENDED = "the handler host ended the stream"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1.HealthCheckResponse.ServingStatus
@@ -115,6 +118,29 @@ def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
 hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign]
 
 
+class _Channel(Channel):
+    """grpclib's Channel, able to reach a socket in the abstract namespace under uvloop.
+
+    uvloop hands a socket path to libuv as a C string, so `\0name` cannot be dialled
+    by path: the socket is connected here and given to the loop as it is.
+    """
+
+    async def _create_connection(self) -> H2Protocol:
+        path = self._path
+        if path is None or not path.startswith("\0"):
+            return await super()._create_connection()
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        _, protocol = await loop.create_unix_connection(self._protocol_factory, sock=sock)
+        return protocol
+
+
 class _Codec(CodecBase):
     """Requests go out as the bytes they are given (serialized once, by the caller)."""
 
@@ -140,7 +166,7 @@ class HandlerChannel:
         self._max_message_bytes = max_message_bytes
         # The safety net behind the host's own KRT_HANDLER_TIMEOUT; None: wait forever.
         self._result_timeout = result_timeout
-        self._channel: Channel | None = None
+        self._channel: _Channel | None = None
         self._serving = asyncio.Event()
         self._ready = asyncio.Event()
         self._requests: asyncio.Queue[_Request | None] | None = None
@@ -150,6 +176,9 @@ class HandlerChannel:
         self._tasks: list[asyncio.Task[None]] = []
         self._poll_health = False
         self._heard = False  # any health answer or failure seen yet
+        # Set by close(): grpclib can turn the cancel of a task into StreamTerminatedError
+        # when the connection drops in the same loop iteration; the loops must still end.
+        self._closing = False
         self.status = "not started"
 
     @property
@@ -172,7 +201,7 @@ class HandlerChannel:
 
     async def start(self) -> None:
         host, port, path = handler_endpoint(self.address)
-        self._channel = Channel(host, port, path=path, codec=_Codec(), config=Configuration())
+        self._channel = _Channel(host, port, path=path, codec=_Codec(), config=Configuration())
         self.status = "waiting for the handler host"
         log.info("handler channel to %s started", self.address)
         self._tasks = [
@@ -181,6 +210,7 @@ class HandlerChannel:
         ]
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -267,8 +297,14 @@ class HandlerChannel:
 
     async def _follow_health(self) -> None:
         delay = MIN_BACKOFF
-        while True:
-            why, heard = await self._watch_health()
+        while not self._closing:
+            try:
+                why, heard = await self._watch_health()
+            except Exception as exc:  # a bug, or grpclib's: log it and go on watching
+                log.exception("the health watch of the handler host failed")
+                why, heard = _unexpected_reason(exc), False
+            if self._closing:
+                return
             self._set_serving(False, why)
             delay = MIN_BACKOFF if heard else min(delay * 2, MAX_BACKOFF)
             await asyncio.sleep(delay)
@@ -301,7 +337,9 @@ class HandlerChannel:
                 return "switching to health Check polling", True
             return _rpc_reason(exc), heard
         except TimeoutError:
-            return f"no health answer within {POLL_INTERVAL * 5:g}s", heard
+            if self._poll_health:
+                return f"no health answer within {POLL_INTERVAL * 5:g}s", heard
+            return "UNAVAILABLE: connecting timed out", heard
         except _BROKEN as exc:
             return _broken_reason(exc), heard
 
@@ -316,17 +354,24 @@ class HandlerChannel:
         )
         async with check as stream:
             await stream.send_message(request, end=True)
-            return await stream.recv_message()
+            reply = await stream.recv_message()
+        return HealthCheckResponse() if reply is None else reply  # none: UNKNOWN
 
     # The ProcessBatch (or Process) stream
 
     async def _keep_stream(self) -> None:
         delay = MIN_BACKOFF
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             await self._serving.wait()
             opened = loop.time()
-            why = await self._run_stream()
+            try:
+                why = await self._run_stream()
+            except Exception as exc:  # a bug, or grpclib's: fail the calls, open another
+                log.exception("the stream to the handler host failed")
+                why = _unexpected_reason(exc)
+            if self._closing:
+                return
             if why is None:
                 continue
             self._fail_pending(why)
@@ -367,6 +412,10 @@ class HandlerChannel:
             if batched and exc.status is Status.UNIMPLEMENTED:
                 return self._use_process()
             return _rpc_reason(exc)
+        except StreamTerminatedError as exc:
+            if _ended_ok(call):
+                return ENDED
+            return _broken_reason(exc)
         except _BROKEN as exc:
             return _broken_reason(exc)
         finally:
@@ -386,7 +435,7 @@ class HandlerChannel:
         # The host closed its side: its status is in the trailers, read once ours is ended.
         await stream.end()
         await stream.recv_trailing_metadata()  # raises GRPCError unless OK
-        return "the handler host ended the stream"
+        return ENDED
 
     def _use_process(self) -> None:
         self._batched = False
@@ -516,6 +565,19 @@ def _status_name(status: int) -> str:
 
 def _rpc_reason(exc: GRPCError) -> str:
     return f"{exc.status.name}: {exc.message}"
+
+
+def _ended_ok(stream: Stream[bytes, object]) -> bool:
+    """The host sent OK trailers: grpcio then resets the stream (NO_ERROR) if our side is
+    still open, and grpclib raises StreamTerminatedError for the reset. (A stream that
+    had sent nothing ends with one block of headers that carries the status.)"""
+    h2_stream = getattr(stream, "_stream", None)
+    last = getattr(h2_stream, "trailers", None) or getattr(h2_stream, "headers", None)
+    return last is not None and dict(last).get("grpc-status") == "0"
+
+
+def _unexpected_reason(exc: BaseException) -> str:
+    return f"INTERNAL: {type(exc).__name__}: {exc}"
 
 
 def _broken_reason(exc: BaseException) -> str:

@@ -34,25 +34,42 @@ DEFAULT_IN_FLIGHT_BYTES = 8 * MIB
 
 
 def handler_endpoint(address: str) -> tuple[str | None, int | None, str | None]:
-    """(host, port, socket path) of a gRPC address: `unix:///path`, `unix:path`,
-    `unix-abstract:name`, `HOST:PORT` or `[IPv6]:PORT` (the forms the handler host
-    listens on). Raises ValueError, saying what is expected."""
+    """(host, port, socket path) of a gRPC address.
+
+    The forms: `unix:///abs/path`, `unix:path`, `unix-abstract:name`, `HOST:PORT`,
+    `[IPv6]:PORT`, and gRPC's `dns:[///]HOST:PORT`, `ipv4:ADDR:PORT`, `ipv6:[ADDR]:PORT`
+    (one address each). Raises ValueError, saying what is expected.
+    """
     if address.startswith("unix-abstract:"):
-        return None, None, "\0" + address.removeprefix("unix-abstract:")
+        name = address.removeprefix("unix-abstract:")
+        if not name:
+            raise ValueError("the abstract socket name is empty")
+        return None, None, "\0" + name
     if address.startswith("unix:"):
-        path = address.removeprefix("unix:")
-        if path.startswith("//"):  # unix:///abs/path; unix://rel is not a form gRPC knows
-            path = path.removeprefix("//")
-            if not path.startswith("/"):
-                raise ValueError("expected unix:///absolute/path.sock or unix:relative.sock")
-        if not path:
-            raise ValueError("the socket path is empty")
-        return None, None, path
-    host, sep, port = address.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected unix:///path/to.sock or HOST:PORT")
+        return None, None, _unix_path(address.removeprefix("unix:"))
+    target = address
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target.removeprefix(scheme)
+            break
+    host, sep, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [IPv6]
+    elif ":" in host or "[" in host or "]" in host:
+        host = ""  # an IPv6 address wants brackets
+    if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("expected unix:///path/to.sock, HOST:PORT or [IPv6]:PORT")
     return host, int(port), None
+
+
+def _unix_path(path: str) -> str:
+    if path.startswith("//"):  # unix:///abs/path; unix://rel is not a form gRPC knows
+        path = path.removeprefix("//")
+        if not path.startswith("/"):
+            raise ValueError("expected unix:///absolute/path.sock or unix:relative.sock")
+    if not path:
+        raise ValueError("the socket path is empty")
+    return path
 
 
 @dataclass(frozen=True)

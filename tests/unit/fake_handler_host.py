@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, wrappers_pb2
@@ -42,18 +42,29 @@ async def greet(delivery: runner_pb2.Delivery, emit: Emit) -> None:
     await emit(result=runner_pb2.Result(payload=packed(f"hello {text}")))
 
 
+class _End(NamedTuple):
+    code: grpc.StatusCode | None
+    details: str
+
+
 class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
     def __init__(self, respond: Respond = greet, batched: bool = True) -> None:
         self.respond = respond
         self.batched = batched
         self.deliveries: list[runner_pb2.Delivery] = []
         self.streams = 0
+        self._outs: set[asyncio.Queue[Any]] = set()
+
+    def end_streams(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
+        """End every open stream: OK (code None), or with this status."""
+        for out in self._outs:
+            out.put_nowait(_End(code, details))
 
     async def Process(
         self, request_iterator: AsyncIterator[runner_pb2.Delivery], context: Any
     ) -> AsyncIterator[runner_pb2.Event]:
         self.streams += 1
-        out: asyncio.Queue[runner_pb2.Event] = asyncio.Queue()
+        out: asyncio.Queue[runner_pb2.Event | _End] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
         async def run_one(delivery: runner_pb2.Delivery) -> None:
@@ -70,10 +81,14 @@ class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
                 task.add_done_callback(tasks.discard)
 
         reader = asyncio.create_task(read())
+        self._outs.add(out)
         try:
-            while True:
-                yield await out.get()
+            while not isinstance(item := await out.get(), _End):
+                yield item
+            if item.code is not None:
+                await context.abort(item.code, item.details)
         finally:
+            self._outs.discard(out)
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
@@ -121,7 +136,7 @@ class RunningHost:
     @property
     def target(self) -> str:
         """The address a client dials (the real port when started on port 0)."""
-        if self.address.startswith("unix:"):
+        if self.address.startswith(("unix:", "unix-abstract:")):
             return self.address
         return f"{self.address.rsplit(':', 1)[0]}:{self.port}"
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import grpc
 import pytest
 from google.protobuf import any_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
@@ -415,3 +418,139 @@ def test_a_data_frame_shows_as_hyperframe_shows_it(size: int) -> None:
         1, data=bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     )
     assert frame._body_repr() == hyperframe.frame._raw_data_repr(frame.serialize_body())
+
+
+def test_a_data_frame_repr_reads_no_more_than_its_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hyperframe.frame
+
+    def whole_body(frame: object) -> bytes:
+        raise AssertionError("the whole body was serialized for a repr")
+
+    monkeypatch.setattr(hyperframe.frame.DataFrame, "serialize_body", whole_body)
+    frame = hyperframe.frame.DataFrame(1, data=b"\x01" * 65536)
+    assert repr(frame).endswith("<hex:01010101010101010101...>")
+
+
+async def test_the_host_ending_the_stream_fails_pending_calls_and_is_said(
+    started: StartHost, address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    never = asyncio.Event()
+
+    async def hold(delivery: runner_pb2.Delivery, emit: Emit) -> None:
+        await never.wait()
+
+    host = await started(address, hold)
+    chan = HandlerChannel(address)
+    await chan.start()
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        call = asyncio.create_task(chan.call(delivery("held"), no_early_reply))
+        await eventually(lambda: len(host.host.deliveries) == 1)
+        with caplog.at_level(logging.WARNING, logger="sidecar.channel"):
+            host.host.end_streams()  # OK trailers (grpcio then resets the stream)
+            with pytest.raises(HandlerUnavailable) as info:
+                await asyncio.wait_for(call, 5)
+        assert info.value.reason == "the handler host ended the stream"
+        assert "stream to the handler host closed: the handler host ended the stream" in (
+            caplog.text
+        )
+        await eventually(lambda: host.host.streams == 2)  # and a new one is opened
+        call = asyncio.create_task(chan.call(delivery("held again"), no_early_reply))
+        await eventually(lambda: len(host.host.deliveries) == 2)
+        host.host.end_streams(grpc.StatusCode.UNAVAILABLE, "host says: shutting down")
+        with pytest.raises(HandlerUnavailable) as info:
+            await asyncio.wait_for(call, 5)
+        assert info.value.reason == "UNAVAILABLE: host says: shutting down"
+    finally:
+        never.set()
+        await chan.close()
+        await host.stop()
+
+
+async def test_close_ends_even_when_the_connection_drops_at_that_moment(
+    started: StartHost, address: str
+) -> None:
+    # grpclib turns the cancel of a task waiting on a stream into StreamTerminatedError
+    # when the connection is lost in the same loop iteration: the loops must still end.
+    host = await started(address)
+    chan = HandlerChannel(address)
+    await chan.start()
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        await asyncio.sleep(0.2)  # both tasks parked inside their streams
+        tasks = list(chan._tasks)
+        chan._channel._protocol.processor.close("Connection lost")  # type: ignore[union-attr]
+        async with asyncio.timeout(5):  # close() runs now, in this iteration (no new task)
+            await chan.close()
+        assert all(task.done() for task in tasks)
+        assert not chan.serving
+    finally:
+        await host.stop()
+
+
+async def test_an_unreadable_answer_fails_the_call_and_the_stream_is_opened_again(
+    address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    streams = 0
+
+    async def garbage(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        nonlocal streams
+        streams += 1
+        await context.send_initial_metadata(())
+        async for _ in requests:
+            yield b"\xff\xff\xff"  # no EventBatch
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "kre.runner.v1.HandlerHost",
+                {"ProcessBatch": grpc.stream_stream_rpc_method_handler(garbage)},
+            )
+        ]
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("kre.runner.v1.HandlerHost", health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(address)
+    await server.start()
+    chan = HandlerChannel(address)
+    await chan.start()
+    try:
+        await asyncio.wait_for(chan.wait_ready(), 5)
+        with caplog.at_level(logging.ERROR, logger="sidecar.channel"):
+            with pytest.raises(HandlerUnavailable) as info:
+                await asyncio.wait_for(chan.call(delivery("x"), no_early_reply), 5)
+        assert info.value.reason.startswith("INTERNAL: DecodeError")
+        assert "the stream to the handler host failed" in caplog.text
+        await eventually(lambda: streams == 2 and chan.ready)
+    finally:
+        await chan.close()
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("form", ["unix", "unix-abstract", "tcp"])
+def test_every_address_form_works_under_uvloop(form: str, address: str) -> None:
+    # The sidecar runs on uvloop, which cannot dial an abstract socket by its path.
+    uvloop = pytest.importorskip("uvloop")
+    targets = {
+        "unix": address,
+        "unix-abstract": f"unix-abstract:kre-test-{os.getpid()}-{id(address)}",
+        "tcp": "127.0.0.1:0",
+    }
+
+    async def scenario() -> str:
+        host = await RunningHost(targets[form], FakeHandlerHost()).start()
+        chan = HandlerChannel(host.target)
+        await chan.start()
+        try:
+            await asyncio.wait_for(chan.wait_ready(), 5)
+            return text_of((await chan.call(delivery(form), no_early_reply)).payload)
+        finally:
+            await chan.close()
+            await host.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == f"hello {form}"

@@ -114,12 +114,21 @@ def test_every_family_parses_and_says_its_type() -> None:
     assert families["python_gc_collections"] == "counter"
 
 
-def test_label_values_are_escaped() -> None:
-    metrics.published('odd "kind"\\n').inc()
+@pytest.mark.parametrize("odd", ['a "quoted" kind', "a back\\slash", "two\nlines"])
+def test_label_values_are_escaped(odd: str) -> None:
+    metrics.published(odd).inc()
     try:
-        assert value("kre_sidecar_published_total", kind='odd "kind"\\n') == 1
+        assert value("kre_sidecar_published_total", kind=odd) == 1
     finally:
-        del metrics.PUBLISHED.children['odd "kind"\\n']
+        del metrics.PUBLISHED.children[odd]
+
+
+def test_help_text_is_escaped() -> None:
+    family = metrics._Labelled("kre_test_escapes", "a back\\slash\nand a second line", "l")
+    family.labels("x").inc()
+    [parsed] = text_string_to_metric_families("\n".join(family.lines()) + "\n")
+    assert parsed.documentation == "a back\\slash\nand a second line"
+    assert parsed.samples[0].value == 1
 
 
 def test_process_families_read_this_process() -> None:

@@ -244,6 +244,10 @@ def test_handler_timeout_and_the_sidecar_safety_net() -> None:
         ("127.0.0.1:50051", ("127.0.0.1", 50051, None)),
         ("localhost:7000", ("localhost", 7000, None)),
         ("[::1]:50051", ("::1", 50051, None)),
+        ("dns:///localhost:50051", ("localhost", 50051, None)),
+        ("dns:localhost:50051", ("localhost", 50051, None)),
+        ("ipv4:127.0.0.1:50051", ("127.0.0.1", 50051, None)),
+        ("ipv6:[::1]:50051", ("::1", 50051, None)),
     ],
 )
 def test_handler_addresses_the_handler_host_listens_on(address: str, endpoint: tuple) -> None:
@@ -252,7 +256,20 @@ def test_handler_addresses_the_handler_host_listens_on(address: str, endpoint: t
 
 
 @pytest.mark.parametrize(
-    "address", ["unix://relative.sock", "unix:", "127.0.0.1", "host:port", ":50051", "h:70000"]
+    "address",
+    [
+        "unix://relative.sock",
+        "unix:",
+        "unix-abstract:",
+        "127.0.0.1",
+        "host:port",
+        ":50051",
+        "h:70000",
+        "localhost:\u00b2",  # a digit to str.isdigit, not to int()
+        "::1:50051",  # IPv6 wants brackets
+        "[::1:50051",
+        "dns:///",
+    ],
 )
 def test_a_handler_address_of_no_known_form_is_refused(address: str) -> None:
     with pytest.raises(SettingsError) as info:
