@@ -186,6 +186,11 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def _exit(code: int) -> NoReturn:
+    # Stopping already: a second SIGTERM (or Ctrl-C) while user threads are waited for
+    # must not turn a clean stop into death by signal (the event loop, which handled
+    # them, is closed).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     workers = [t for t in threading.enumerate() if t.name.startswith(USER_THREAD_PREFIX)]
     deadline = time.monotonic() + 1.0
     for worker in workers:  # idle workers end on their own, at once

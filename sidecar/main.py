@@ -173,6 +173,10 @@ def main() -> None:
         sys.exit(2)
     logs.configure(settings.log_level, settings.log_format, settings.node_name)
     _asyncio_run(run(settings))
+    # Stopped: a second SIGTERM while the interpreter winds down (its loop, which handled
+    # signals, is closed) must not turn a clean stop into death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _asyncio_run(coro: Coroutine[Any, Any, None]) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +191,63 @@ async def test_serves_the_greeter_then_stops_on_sigterm(
     assert "[node=greeter tracking_id=t-1] greeting one visitor" in log
     assert "mongodb://kre:***@127.0.0.1:9/kre" in log
     assert "s3cr3t-pw" not in log
+
+
+@pytest.fixture
+def sleeping_host(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """A host on plain asyncio (uvloop blocked) whose sync handler sleeps 5 s per call."""
+    krt = write_handler(
+        tmp_path,
+        """
+        import sys, time
+
+        def handler(ctx, data):
+            print("handler sleeping", file=sys.stderr, flush=True)
+            time.sleep(5)
+        """,
+    )
+    env = host_env(tmp_path, KRT_SHUTDOWN_GRACE="0.2", KRT_METRICS_PORT="0", **krt)
+    no_uvloop = "import sys; sys.modules['uvloop'] = None; import handler_host.main as m; m.main()"
+    stderr_path = tmp_path / "stderr.log"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", no_uvloop], env=env, cwd=ROOT, stderr=stderr)
+    try:
+        yield proc, env["KRT_HANDLER_ADDRESS"], stderr_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_second_sigterm_while_stopping_still_exits_0(
+    sleeping_host: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    # The grace period ends with the handler's thread still sleeping: after its loop has
+    # closed, the host waits up to a second for the thread, then exits 0 without it. A
+    # second SIGTERM then (plain asyncio leaves SIGTERM's default action) is ignored.
+    proc, address, stderr_path = sleeping_host
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(wait_serving(channel), START_TIMEOUT_S)
+        call = runner_pb2_grpc.HandlerHostStub(channel).Handle(
+            runner_pb2.Delivery(id=1, message=kre_nats_msg_pb2.KreNatsMessage()), timeout=30
+        )
+        await log_says(stderr_path, "handler sleeping")
+        proc.send_signal(signal.SIGTERM)
+        await log_says(stderr_path, "handler host stopped")
+        proc.send_signal(signal.SIGTERM)  # while the sleeping thread is waited for
+        code = await asyncio.to_thread(proc.wait, 30)
+        call.cancel()
+    log = stderr_path.read_text()
+    assert code == 0, log
+    assert "exiting with 1 user-code thread(s) still running" in log
+
+
+async def log_says(path: Path, text: str) -> None:
+    def seen() -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while text not in path.read_text():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the log: {path.read_text()}")
+            time.sleep(0.005)
+
+    await asyncio.to_thread(seen)
