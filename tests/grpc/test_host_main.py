@@ -140,6 +140,20 @@ async def wait_serving(channel: grpc.aio.Channel) -> None:
             return
 
 
+def serving(
+    cmd: list[str], env: dict[str, str], cwd: Path, stderr_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """A host process, its address and its stderr's file; killed at the end if still up."""
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stderr=stderr)
+    try:
+        yield proc, env["KRT_HANDLER_ADDRESS"], stderr_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def greeter(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """The greeter example served by a real kre-handler-host on a Unix socket."""
@@ -151,15 +165,7 @@ def greeter(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path
         KRT_SHUTDOWN_GRACE="10",
         KRT_MONGO_URI="mongodb://kre:s3cr3t-pw@127.0.0.1:9/kre",
     )
-    stderr_path = tmp_path / "stderr.log"
-    with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen(command(), env=env, cwd=tmp_path, stderr=stderr)
-    try:
-        yield proc, env["KRT_HANDLER_ADDRESS"], stderr_path
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    yield from serving(command(), env, tmp_path, tmp_path / "stderr.log")
 
 
 async def test_serves_the_greeter_then_stops_on_sigterm(
@@ -208,15 +214,7 @@ def sleeping_host(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str
     )
     env = host_env(tmp_path, KRT_SHUTDOWN_GRACE="0.2", KRT_METRICS_PORT="0", **krt)
     no_uvloop = "import sys; sys.modules['uvloop'] = None; import handler_host.main as m; m.main()"
-    stderr_path = tmp_path / "stderr.log"
-    with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", no_uvloop], env=env, cwd=ROOT, stderr=stderr)
-    try:
-        yield proc, env["KRT_HANDLER_ADDRESS"], stderr_path
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    yield from serving([sys.executable, "-c", no_uvloop], env, ROOT, tmp_path / "stderr.log")
 
 
 async def test_a_second_sigterm_while_stopping_still_exits_0(
