@@ -121,8 +121,8 @@ hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[me
 class _Channel(Channel):
     """grpclib's Channel, able to reach a socket in the abstract namespace under uvloop.
 
-    uvloop hands a socket path to libuv as a C string, so `\0name` cannot be dialled
-    by path: the socket is connected here and given to the loop as it is.
+    An abstract name starts with a NUL byte, and uvloop hands a socket path to libuv as
+    a C string, which ends there: the socket is connected here and given to the loop.
     """
 
     async def _create_connection(self) -> H2Protocol:
