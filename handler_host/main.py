@@ -30,7 +30,7 @@ from handler_host import logs, metrics
 from handler_host.context import Context, ContextServices
 from handler_host.errors import RunnerError, SettingsError
 from handler_host.loader import UserCode, load_user_code
-from handler_host.server import USER_THREAD_PREFIX, HostServer, start_server
+from handler_host.server import HostServer, start_server
 from handler_host.settings import HostSettings
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:
         logger.exception("the handler host failed")
         _exit(EXIT_START_FAILED)
+    _exit_on_another_signal(EXIT_OK)
     logger.info("handler host stopped")
     _exit(EXIT_OK)
 
@@ -186,23 +187,38 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def _exit(code: int) -> NoReturn:
-    # Stopping already: a second SIGTERM (or Ctrl-C) while user threads are waited for
-    # must not turn a clean stop into death by signal (the event loop, which handled
-    # them, is closed).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    workers = [t for t in threading.enumerate() if t.name.startswith(USER_THREAD_PREFIX)]
+    _exit_on_another_signal(code)
+    # The handler pool's workers, and any thread user code started and left running (a
+    # daemon thread does not count): Python would wait for them at exit, forever perhaps.
+    threads = [
+        t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()
+    ]
     deadline = time.monotonic() + 1.0
-    for worker in workers:  # idle workers end on their own, at once
-        worker.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t for t in workers if t.is_alive()]
+    for thread in threads:  # idle workers end on their own, at once
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in threads if t.is_alive()]
     if stuck:
-        # A sync handler or init still runs past the grace period; Python would wait
-        # for it at exit, forever perhaps. Leave without waiting.
-        logger.warning("exiting with %d user-code thread(s) still running", len(stuck))
+        # A sync handler or init still runs past the grace period. Leave without waiting.
+        names = ", ".join(sorted(t.name for t in stuck))
+        logger.warning("exiting with %d user-code thread(s) still running: %s", len(stuck), names)
         logging.shutdown()
         os._exit(code)
     sys.exit(code)
+
+
+def _exit_on_another_signal(code: int) -> None:
+    """From here on, SIGTERM or SIGINT ends the process at once, with `code`.
+
+    The event loop that handled them is closed: on plain asyncio a second SIGTERM would
+    otherwise kill the process (-15) while it waits for user threads, and under uvloop
+    the closed loop's handler would swallow it.
+    """
+
+    def leave(signum: int, frame: object) -> None:
+        os._exit(code)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, leave)
 
 
 if __name__ == "__main__":

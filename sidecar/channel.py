@@ -200,6 +200,7 @@ class HandlerChannel:
         return await self._ready.wait()
 
     async def start(self) -> None:
+        self._closing = False
         host, port, path = handler_endpoint(self.address)
         self._channel = _Channel(host, port, path=path, codec=_Codec(), config=Configuration())
         self.status = "waiting for the handler host"

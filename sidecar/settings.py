@@ -7,6 +7,7 @@ environment; the sidecar ignores them.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -47,16 +48,34 @@ def handler_endpoint(address: str) -> tuple[str | None, int | None, str | None]:
         return None, None, "\0" + name
     if address.startswith("unix:"):
         return None, None, _unix_path(address.removeprefix("unix:"))
-    target = address
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if target.startswith(scheme):
-            target = target.removeprefix(scheme)
-            break
-    host, sep, port = target.rpartition(":")
+    scheme, _, rest = address.partition(":")
+    if scheme in ("dns", "ipv4", "ipv6"):
+        return _scheme_endpoint(scheme, rest)
+    return _host_port(address)
+
+
+def _scheme_endpoint(scheme: str, rest: str) -> tuple[str, int, None]:
+    """gRPC's `dns:[///]HOST:PORT`, `ipv4:ADDR:PORT` and `ipv6:[ADDR]:PORT`."""
+    if scheme == "dns":
+        if rest.startswith("//") and not rest.startswith("///"):
+            raise ValueError("a dns: address with an authority is not supported: dns:///HOST:PORT")
+        rest = rest.removeprefix("///")
+    host, port, _ = _host_port(rest)
+    family = {"ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address}.get(scheme)
+    if family is not None:
+        try:
+            family(host)
+        except ValueError:
+            raise ValueError(f"{scheme}: wants an {scheme.upper()} address, got {host!r}") from None
+    return host, port, None
+
+
+def _host_port(address: str) -> tuple[str, int, None]:
+    host, sep, port = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]  # [IPv6]
-    elif ":" in host or "[" in host or "]" in host:
-        host = ""  # an IPv6 address wants brackets
+    elif any(c in host for c in ":[]/"):
+        host = ""  # an IPv6 address wants brackets; a URL is not an address
     if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError("expected unix:///path/to.sock, HOST:PORT or [IPv6]:PORT")
     return host, int(port), None
