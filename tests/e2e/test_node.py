@@ -90,7 +90,8 @@ async def test_sigterm_to_sidecar_mid_load_then_restart_answers_everything(
 ):
     node = make_node(node_config).start()
     downstream = await Downstream(js, stream, node_config.output_subject).start()
-    requests = [request_envelope(StringValue(value=f"r{i}")) for i in range(1000)]
+    # 50 ms each, 64 in flight: about 0.8 s of load, so the signal lands in the middle.
+    requests = [request_envelope(StringValue(value=f"slow:r{i}")) for i in range(1000)]
     await Upstream(js, node_config.input_subject).send_all(requests)
 
     await downstream.wait_for(150, timeout=60)
