@@ -54,6 +54,9 @@ class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
         self.deliveries: list[runner_pb2.Delivery] = []
         self.streams = 0
         self._outs: set[asyncio.Queue[Any]] = set()
+        # Set to hold ProcessBatch's headers back until the event is set (or forever).
+        self.headers_held: asyncio.Event | None = None
+        self.batch_streams_asked = 0
 
     def end_streams(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
         """End every open stream: OK (code None), or with this status."""
@@ -98,8 +101,11 @@ class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
     async def ProcessBatch(
         self, request_iterator: AsyncIterator[runner_pb2.DeliveryBatch], context: Any
     ) -> AsyncIterator[runner_pb2.EventBatch]:
+        self.batch_streams_asked += 1
         if not self.batched:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        if self.headers_held is not None:
+            await self.headers_held.wait()
         await context.send_initial_metadata(())
 
         async def deliveries() -> AsyncIterator[runner_pb2.Delivery]:

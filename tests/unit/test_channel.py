@@ -554,3 +554,26 @@ def test_every_address_form_works_under_uvloop(form: str, address: str) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(scenario()) == f"hello {form}"
+
+
+async def test_close_ends_even_when_the_connection_drops_while_a_stream_opens(
+    address: str,
+) -> None:
+    # The stream task waits for the host's headers when the connection drops and close()
+    # cancels it in the same iteration: the stream loop must end too, not open another.
+    fake = FakeHandlerHost()
+    fake.headers_held = asyncio.Event()  # never set: the stream never opens
+    host = await RunningHost(address, fake).start()
+    chan = HandlerChannel(address)
+    await chan.start()
+    try:
+        await eventually(lambda: chan.serving and fake.batch_streams_asked == 1)
+        await asyncio.sleep(0.2)  # both tasks parked inside their streams
+        tasks = list(chan._tasks)
+        chan._channel._protocol.processor.close("Connection lost")  # type: ignore[union-attr]
+        async with asyncio.timeout(5):  # close() runs now, in this iteration (no new task)
+            await chan.close()
+        assert all(task.done() for task in tasks)
+        assert fake.batch_streams_asked == 1
+    finally:
+        await host.stop(0)
