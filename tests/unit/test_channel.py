@@ -467,6 +467,16 @@ async def test_the_host_ending_the_stream_fails_pending_calls_and_is_said(
         await host.stop()
 
 
+async def close_as_the_connection_drops(chan: HandlerChannel) -> None:
+    """The connection is lost, and close() runs in the same loop iteration; it must end."""
+    await asyncio.sleep(0.2)  # both tasks parked inside their streams
+    tasks = list(chan._tasks)
+    chan._channel._protocol.processor.close("Connection lost")  # type: ignore[union-attr]
+    async with asyncio.timeout(5):  # close() runs now, in this iteration (no new task)
+        await chan.close()
+    assert all(task.done() for task in tasks)
+
+
 async def test_close_ends_even_when_the_connection_drops_at_that_moment(
     started: StartHost, address: str
 ) -> None:
@@ -477,12 +487,7 @@ async def test_close_ends_even_when_the_connection_drops_at_that_moment(
     await chan.start()
     try:
         await asyncio.wait_for(chan.wait_ready(), 5)
-        await asyncio.sleep(0.2)  # both tasks parked inside their streams
-        tasks = list(chan._tasks)
-        chan._channel._protocol.processor.close("Connection lost")  # type: ignore[union-attr]
-        async with asyncio.timeout(5):  # close() runs now, in this iteration (no new task)
-            await chan.close()
-        assert all(task.done() for task in tasks)
+        await close_as_the_connection_drops(chan)
         assert not chan.serving
     finally:
         await host.stop()
@@ -568,12 +573,7 @@ async def test_close_ends_even_when_the_connection_drops_while_a_stream_opens(
     await chan.start()
     try:
         await eventually(lambda: chan.serving and fake.batch_streams_asked == 1)
-        await asyncio.sleep(0.2)  # both tasks parked inside their streams
-        tasks = list(chan._tasks)
-        chan._channel._protocol.processor.close("Connection lost")  # type: ignore[union-attr]
-        async with asyncio.timeout(5):  # close() runs now, in this iteration (no new task)
-            await chan.close()
-        assert all(task.done() for task in tasks)
+        await close_as_the_connection_drops(chan)
         assert fake.batch_streams_asked == 1
     finally:
         await host.stop(0)
