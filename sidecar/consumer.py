@@ -335,7 +335,7 @@ class Consumer:
         except nats.js.errors.NotFoundError:
             return True
         except PUBLISH_ERRORS:
-            return False
+            pass  # no answer: JetStream is restarting, the consumer may well be there
         return False
 
     async def _js_bind(self, durable: str, stream: str) -> Pull:

@@ -175,7 +175,7 @@ class MessageProcessor:
             # Sent anyway it would break the stream that every other message shares.
             reason = f"message is {size} bytes for the handler host, over the {limit} byte gRPC"
             return Facts(request, attempt), BadInput(f"{reason} limit (KRT_GRPC_MAX_MESSAGE_BYTES)")
-        replies = _EarlyReplies(self, self.msg_id(record.seq) + ":early", request)
+        replies = _EarlyReplies(self, record.seq, request)
         started = time.time_ns()  # for a Result without the host's own stamps
         clock = time.perf_counter()
         try:
@@ -303,7 +303,7 @@ class _EarlyReplies:
     """Publishes one message's early replies to the entrypoint; remembers what went wrong."""
 
     processor: MessageProcessor
-    msg_id: str  # the Nats-Msg-Id of its replies
+    seq: int  # the input's stream sequence, for the replies' Nats-Msg-Id
     request: KreNatsMessage
     sent: bool = False
     failure: Happened | None = None
@@ -324,7 +324,8 @@ class _EarlyReplies:
                 settings.max_payload_bytes,
                 self.processor.policy.publish_limit,
             )
-            await self.processor.publish(settings.entrypoint_subject, data, self.msg_id)
+            msg_id = self.processor.msg_id(self.seq) + ":early"  # only when one is sent
+            await self.processor.publish(settings.entrypoint_subject, data, msg_id)
         except PayloadTooLargeError as exc:
             self.failure = Raised(f"early reply: {exc}")
         except PUBLISH_ERRORS as exc:

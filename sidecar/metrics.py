@@ -122,7 +122,10 @@ def exposition() -> bytes:
 def _lines() -> Iterator[str]:
     yield from MESSAGES.lines()
     yield from _single(
-        "kre_sidecar_in_flight", "Input messages being processed right now.", "gauge", IN_FLIGHT
+        "kre_sidecar_in_flight",
+        "Input messages being processed right now.",
+        "gauge",
+        IN_FLIGHT.value,
     )
     yield from _histogram(
         "kre_sidecar_handler_seconds",
@@ -139,7 +142,7 @@ def _lines() -> Iterator[str]:
         "kre_sidecar_redeliveries_total",
         "Input messages fetched again (delivery attempt > 1).",
         "counter",
-        REDELIVERIES,
+        REDELIVERIES.value,
     )
     yield from BYTES.lines()
     yield from COMPRESSIONS.lines()
@@ -157,9 +160,9 @@ def _histogram(name: str, doc: str, timing: Timing) -> Iterator[str]:
     yield f"{name}_sum {_number(timing.total)}"
 
 
-def _single(name: str, doc: str, kind: str, count: Count) -> Iterator[str]:
+def _single(name: str, doc: str, kind: str, value: float) -> Iterator[str]:
     yield from _head(name, doc, kind)
-    yield f"{name} {_number(count.value)}"
+    yield f"{name} {_number(value)}"
 
 
 def _head(name: str, doc: str, kind: str) -> Iterator[str]:
@@ -211,8 +214,7 @@ def _process() -> Iterator[str]:
         ("process_open_fds", "Number of open file descriptors.", "gauge", float(open_fds)),
         ("process_max_fds", "Maximum number of open file descriptors.", "gauge", float(soft_fds)),
     ):
-        yield from _head(name, doc, kind)
-        yield f"{name} {_number(value)}"
+        yield from _single(name, doc, kind, value)
 
 
 def _python() -> Iterator[str]:

@@ -141,7 +141,7 @@ async def test_a_big_early_reply_is_gzipped_off_the_event_loop_and_published(
     monkeypatch.setattr(envelope, "encode", recording_encode)
     payload = any_pb2.Any()
     payload.Pack(wrappers_pb2.BytesValue(value=b"early " * 400_000))  # 2.4 MB: over 1 MiB
-    replies = _EarlyReplies(processor, "wf:42:node-a:early", KreNatsMessage(tracking_id="t-9"))
+    replies = _EarlyReplies(processor, 42, KreNatsMessage(tracking_id="t-9"))
 
     await replies.send(payload)
 
