@@ -25,7 +25,8 @@ T = TypeVar("T")
 DEFINITIONS = """\
 in B: one input as published, the whole KRE envelope (gzipped in (d)).
 msgs/s: backlog cases (a, c, d) publish all N inputs first, then start the node (or the
-  baseline loop): N / (last output's stored time - consumer ready: /readyz 200 or bind).
+  baseline loop): N / (last output's stored time - first fetch possible: from the sidecar's
+  log, host SERVING and consumer bound; the baseline loop's bind).
   (b): replies / time, one request at a time.
 p50/p99: end to end, JetStream publish of the input to its output at a core subscriber,
   one at a time ((c) and (d): a one-at-a-time pass on the same node after the backlog).

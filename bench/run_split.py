@@ -2,21 +2,27 @@
 
 Backlog cases ("all at once", 100 KB, 2 MB): all N inputs are published into the stream
 first, with no consumer running; then both processes are started, and the rate is
-N / (the last output's stored time - the moment /readyz first answers 200, when the
-consumer is bound and about to fetch): the start of the processes is left out, the
-baseline is timed the same way (from its consumer's bind). Cases with a `latency_count`
-then send that many more, one at a time, to the same node for p50/p99. The one-at-a-time
-case starts the node, waits for /readyz, and only then sends.
+N / (the last output's stored time - the moment the sidecar could first fetch: the latest
+of its log lines saying the handler host is SERVING, a stream to it open and the
+consumer bound: what its fetch loop waits on). The start of the processes is left out; the
+baseline is timed the same way (from its consumer's bind). Polling /readyz instead would
+start the clock late by up to a poll, and a small backlog could be done before it.
+Cases with a `latency_count` then send that many more, one at a time, to the same node
+for p50/p99. The one-at-a-time case starts the node, waits for /readyz, and only then
+sends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -63,7 +69,8 @@ class Setup:
             base_path=HANDLERS,
             handler_path=self.handler,
             node_name=NODE,
-            extra=dict(self.extra_env),
+            # JSON logs: the rate's start is read from the sidecar's (`fetching_since`).
+            extra={**self.extra_env, "KRT_LOG_FORMAT": "json"},
         )
 
     def run_dir(self, name: str) -> Path | None:
@@ -114,15 +121,45 @@ async def run_split(setup: Setup, case: Case) -> Row:
         await delete_stream(setup.js, stream)
 
 
-async def consuming_from(node: LocalNode, alive: Callable[[], None], timeout: float = 60) -> float:
-    """The epoch time /readyz first said 200: the consumer is bound and fetches next."""
+async def until_ready(node: LocalNode, alive: Callable[[], None], timeout: float = 60) -> None:
+    """Until /readyz says 200: the consumer is bound and the handler host SERVING."""
     deadline = time.monotonic() + timeout
     while node.http_status("/readyz") != 200:
         alive()
         if time.monotonic() > deadline:
             raise TimeoutError(f"the node was not ready in {timeout:.0f}s")
         await asyncio.sleep(READY_POLL)
-    return time.time()
+
+
+# What the sidecar's fetch loop waits on, as its log lines say it: the handler host
+# SERVING with a stream to it open (the channel's readiness), and the consumer bound.
+READY_LINES = {
+    "the handler host SERVING": re.compile(r"^handler host at \S+ is SERVING$"),
+    "a stream to the handler host open": re.compile(r"^\w+ stream to the handler host opened$"),
+    "the consumer bound": re.compile(r"^consuming \S+ from stream \S+ as durable consumer \S+$"),
+}
+
+
+def fetching_since(sidecar_log: Path) -> float:
+    """The epoch time the sidecar could first fetch: the latest of the first lines of its
+    JSON log saying each of READY_LINES (millisecond timestamps)."""
+    first: dict[str, float] = {}
+    for line in sidecar_log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        msg = entry.get("msg", "") if isinstance(entry, dict) else ""
+        for what, pattern in READY_LINES.items():
+            if what not in first and pattern.search(msg):
+                first[what] = datetime.fromisoformat(entry["ts"]).timestamp()
+    missing = [what for what in READY_LINES if what not in first]
+    if missing:
+        raise RuntimeError(
+            f"{sidecar_log} has no line saying {' or '.join(missing)}, which the rate is "
+            "timed from: the sidecar's log lines changed, or it did not log JSON"
+        )
+    return max(first.values())
 
 
 def _sampler(setup: Setup, node: LocalNode) -> Sampler:
@@ -141,9 +178,10 @@ async def _backlog(setup: Setup, case: Case, config: NodeConfig, node: LocalNode
     node.start_sidecar()
     with _sampler(setup, node) as sampler:
         alive = NodeWatch(node)
-        started = await consuming_from(node, alive)
+        await until_ready(node, alive)
         timeout = drain_timeout(case.count, case.payload_bytes)
         await wait_consumed(setup.js, config.stream, NODE, last_seq, timeout, alive)
+        started = fetching_since(node.run_dir / "sidecar.log")
         latencies: list[float] = []
         if probe.count:
             latencies, _, _ = await one_at_a_time(

@@ -50,3 +50,6 @@ def test_quick_bench_prints_the_table_and_loses_nothing(tmp_path: Path) -> None:
     }
     for row in rows:
         assert row["tally"] == {"lost": 0, "duplicated": 0, "errors": 0}, row
+        # Every row timed, however small N: a backlog done within the first poll of
+        # /readyz once left (a) without a rate.
+        assert row["rate"] is not None and row["rate"] > 0, row
