@@ -178,8 +178,10 @@ class BatchWriter:
                 self._reporter.note_error(err)
                 self._count(failed=len(lines), failed_writes=1)
             else:
-                self._count(written=len(lines))
+                # Noted before counted: flush() returns once the count is in, and what
+                # the write logs ("writes succeed again") is in the log by then.
                 self._reporter.note_success()
+                self._count(written=len(lines))
         return ok
 
     def _fail_rest(self) -> None:

@@ -93,6 +93,44 @@ def test_failures_are_counted_and_logged_once_per_interval(
     writer.close(5)
 
 
+class SlowHandler(logging.Handler):
+    """Takes `delay` to emit each record, then keeps it: a slow log sink."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        time.sleep(self.delay)
+        self.messages.append(record.getMessage())
+
+
+def test_flush_returns_after_the_recovery_is_logged() -> None:
+    # flush() once returned as soon as the good write was counted, while the writer
+    # thread had yet to log "writes succeed again": a reader of the log right after
+    # the flush (this module's other tests) could miss it.
+    logger = logging.getLogger("handler_host.services.influx_writer")
+    slow = SlowHandler(delay=0.2)
+    logger.addHandler(slow)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        send = FakeSend()
+        send.fail = ConnectionRefusedError("refused")
+        writer = BatchWriter(send, batch_size=1, flush_interval_s=0.01, report_interval_s=0)
+        writer.submit("ns", "lost")
+        assert writer.flush(5)
+        send.fail = None
+        writer.submit("ns", "back")
+        assert writer.flush(5)
+        assert any("succeed again" in m for m in slow.messages), slow.messages
+        writer.close(5)
+    finally:
+        logger.removeHandler(slow)
+        logger.setLevel(level)
+
+
 def test_after_a_failure_the_next_write_waits_an_interval() -> None:
     send = FakeSend()
     send.fail = ConnectionRefusedError("refused")
