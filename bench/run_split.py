@@ -157,7 +157,8 @@ def fetching_since(sidecar_log: Path) -> float:
     if missing:
         raise RuntimeError(
             f"{sidecar_log} has no line saying {' or '.join(missing)}, which the rate is "
-            "timed from: the sidecar's log lines changed, or it did not log JSON"
+            "timed from: the sidecar's log lines changed, or it did not log them (JSON, at INFO "
+            "or below: no --env KRT_LOG_LEVEL=WARNING)"
         )
     return max(first.values())
 
