@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:
         logger.exception("the handler host failed")
         _exit(EXIT_START_FAILED)
-    _exit_on_another_signal(EXIT_OK)
     logger.info("handler host stopped")
     _exit(EXIT_OK)
 
