@@ -2,7 +2,7 @@
 
 One shared ``Context`` is built at start and handed to ``init(ctx)``; each message gets
 a cheap ``MessageContext`` view of it that adds the tracking id, a logger that tags its
-lines with it, and ``early_reply``.
+lines with it, ``early_reply`` and ``early_exit``.
 """
 
 from __future__ import annotations
@@ -245,6 +245,12 @@ class Context:
             "message to reply to"
         )
 
+    def early_exit(self) -> None:
+        raise EarlyReplyError(
+            "ctx.early_exit only works inside handler(ctx, data): init(ctx) has no "
+            "message to end the workflow for"
+        )
+
     def for_message(
         self, tracking_id: str, *, replied: bool, emit_early: EmitEarly
     ) -> MessageContext:
@@ -267,7 +273,7 @@ class Context:
 
 
 class MessageContext:
-    """The ctx of one message: the shared Context plus tracking id, logger, early_reply.
+    """One message's ctx: the shared Context plus tracking id, logger, early reply and exit.
 
     Everything not defined here (``path``, ``get``, ``set``, the data services, and any
     attribute ``init`` put on the shared ctx) is the shared Context's.
@@ -288,6 +294,7 @@ class MessageContext:
         self._early_replied = False
         self._finished = False
         self._emit_early = emit_early
+        self.exited_early = False
 
     def path(self, relative_path: str) -> ContextPath:
         return self.shared.path(relative_path)
@@ -347,6 +354,18 @@ class MessageContext:
                 "`async def handler(ctx, data)` and `await ctx.early_reply(msg)`"
             ) from None
         return self._send_early_reply(msg)
+
+    def early_exit(self) -> None:
+        """End the workflow at this node: the handler's output goes to the entrypoint.
+
+        KRE's ``ctx.early_exit()``: the message the handler returns is published to
+        ``KRT_NATS_ENTRYPOINT_SUBJECT`` (the caller gets it as the workflow's reply)
+        instead of to the next node. Call it from sync or async handlers, before the
+        handler returns; calling it twice is the same as once.
+        """
+        if self._finished:
+            raise EarlyReplyError("ctx.early_exit was called after the handler returned")
+        self.exited_early = True
 
     def finish(self) -> None:
         """Called by the dispatcher once the handler has returned: no more early replies."""

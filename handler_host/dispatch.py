@@ -172,6 +172,8 @@ class Dispatcher:
             result = self._failed(delivery, exc)
         finally:
             ctx.finish()
+        if ctx.exited_early:
+            result.early_exit = True
         _stamp(result, span)
         return result
 

@@ -19,11 +19,17 @@ logger = logging.getLogger(__name__)
 
 
 def parse_stamp(value: str) -> datetime | None:
-    """An RFC 3339 / ISO-8601 tracking time as an aware UTC datetime, or None."""
+    """A tracking time in any form KRE's runners write, as an aware UTC datetime.
+
+    Naive means UTC (kre-py's `utcnow().isoformat()`, with no fraction when the
+    microseconds are 0; kre-go's 2006-01-02T15:04:05.000000); a fraction of any length,
+    a `Z` or an offset, `T` or a space. None when empty or not a time: a bad stamp
+    costs a measurement, never a message.
+    """
     if not value:
         return None
     try:
-        stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        stamp = datetime.fromisoformat(value.strip())
     except ValueError:
         return None
     return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/kre_nats_msg.proto\x12\x03kre\x1a\x19google/protobuf/any.proto\"\xe6\x01\n\x0eKreNatsMessage\x12\x13\n\x0btracking_id\x18\x01 \x01(\t\x12.\n\x08tracking\x18\x02 \x03(\x0b\x32\x1c.kre.KreNatsMessage.Tracking\x12\r\n\x05reply\x18\x03 \x01(\t\x12%\n\x07payload\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07replied\x18\x06 \x01(\x08\x1a\x39\n\x08Tracking\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\t\x12\x0b\n\x03\x65nd\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/kre_nats_msg.proto\x12\x03kre\x1a\x19google/protobuf/any.proto\"\xfa\x01\n\x0eKreNatsMessage\x12\x13\n\x0btracking_id\x18\x01 \x01(\t\x12.\n\x08tracking\x18\x02 \x03(\x0b\x32\x1c.kre.KreNatsMessage.Tracking\x12\r\n\x05reply\x18\x03 \x01(\t\x12%\n\x07payload\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07replied\x18\x06 \x01(\x08\x12\x12\n\nearly_exit\x18\x07 \x01(\x08\x1a\x39\n\x08Tracking\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\t\x12\x0b\n\x03\x65nd\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kre_nats_msg_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KRENATSMESSAGE']._serialized_start=62
-  _globals['_KRENATSMESSAGE']._serialized_end=292
-  _globals['_KRENATSMESSAGE_TRACKING']._serialized_start=235
-  _globals['_KRENATSMESSAGE_TRACKING']._serialized_end=292
+  _globals['_KRENATSMESSAGE']._serialized_end=312
+  _globals['_KRENATSMESSAGE_TRACKING']._serialized_start=255
+  _globals['_KRENATSMESSAGE_TRACKING']._serialized_end=312
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos import kre_nats_msg_pb2 as protos_dot_kre__nats__msg__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/runner.proto\x12\rkre.runner.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19protos/kre_nats_msg.proto\"\xde\x01\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x07message\x18\x02 \x01(\x0b\x32\x13.kre.KreNatsMessage\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x17\n\x0fstream_sequence\x18\x04 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x35\n\x07headers\x18\x06 \x03(\x0b\x32$.kre.runner.v1.Delivery.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x07\x46\x61ilure\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x11\n\ttraceback\x18\x04 \x01(\t\"\xbb\x01\n\x06Result\x12\'\n\x07payload\x18\x01 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12)\n\x07\x66\x61ilure\x18\x02 \x01(\x0b\x32\x16.kre.runner.v1.FailureH\x00\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07outcome\"z\n\x05\x45vent\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x04\x12+\n\x0b\x65\x61rly_reply\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x15.kre.runner.v1.ResultH\x00\x42\x06\n\x04kind\"<\n\rDeliveryBatch\x12+\n\ndeliveries\x18\x01 \x03(\x0b\x32\x17.kre.runner.v1.Delivery\"2\n\nEventBatch\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.kre.runner.v1.Event\"a\n\x0bHandleReply\x12+\n\rearly_replies\x18\x01 \x03(\x0b\x32\x14.google.protobuf.Any\x12%\n\x06result\x18\x02 \x01(\x0b\x32\x15.kre.runner.v1.Result2\xd7\x01\n\x0bHandlerHost\x12<\n\x07Process\x12\x17.kre.runner.v1.Delivery\x1a\x14.kre.runner.v1.Event(\x01\x30\x01\x12K\n\x0cProcessBatch\x12\x1c.kre.runner.v1.DeliveryBatch\x1a\x19.kre.runner.v1.EventBatch(\x01\x30\x01\x12=\n\x06Handle\x12\x17.kre.runner.v1.Delivery\x1a\x1a.kre.runner.v1.HandleReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/runner.proto\x12\rkre.runner.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19protos/kre_nats_msg.proto\"\xde\x01\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x07message\x18\x02 \x01(\x0b\x32\x13.kre.KreNatsMessage\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x17\n\x0fstream_sequence\x18\x04 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x35\n\x07headers\x18\x06 \x03(\x0b\x32$.kre.runner.v1.Delivery.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x07\x46\x61ilure\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x11\n\ttraceback\x18\x04 \x01(\t\"\xcf\x01\n\x06Result\x12\'\n\x07payload\x18\x01 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12)\n\x07\x66\x61ilure\x18\x02 \x01(\x0b\x32\x16.kre.runner.v1.FailureH\x00\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nearly_exit\x18\x05 \x01(\x08\x42\t\n\x07outcome\"z\n\x05\x45vent\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x04\x12+\n\x0b\x65\x61rly_reply\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x15.kre.runner.v1.ResultH\x00\x42\x06\n\x04kind\"<\n\rDeliveryBatch\x12+\n\ndeliveries\x18\x01 \x03(\x0b\x32\x17.kre.runner.v1.Delivery\"2\n\nEventBatch\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.kre.runner.v1.Event\"a\n\x0bHandleReply\x12+\n\rearly_replies\x18\x01 \x03(\x0b\x32\x14.google.protobuf.Any\x12%\n\x06result\x18\x02 \x01(\x0b\x32\x15.kre.runner.v1.Result2\xd7\x01\n\x0bHandlerHost\x12<\n\x07Process\x12\x17.kre.runner.v1.Delivery\x1a\x14.kre.runner.v1.Event(\x01\x30\x01\x12K\n\x0cProcessBatch\x12\x1c.kre.runner.v1.DeliveryBatch\x1a\x19.kre.runner.v1.EventBatch(\x01\x30\x01\x12=\n\x06Handle\x12\x17.kre.runner.v1.Delivery\x1a\x1a.kre.runner.v1.HandleReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAILURE']._serialized_start=350
   _globals['_FAILURE']._serialized_end=428
   _globals['_RESULT']._serialized_start=431
-  _globals['_RESULT']._serialized_end=618
-  _globals['_EVENT']._serialized_start=620
-  _globals['_EVENT']._serialized_end=742
-  _globals['_DELIVERYBATCH']._serialized_start=744
-  _globals['_DELIVERYBATCH']._serialized_end=804
-  _globals['_EVENTBATCH']._serialized_start=806
-  _globals['_EVENTBATCH']._serialized_end=856
-  _globals['_HANDLEREPLY']._serialized_start=858
-  _globals['_HANDLEREPLY']._serialized_end=955
-  _globals['_HANDLERHOST']._serialized_start=958
-  _globals['_HANDLERHOST']._serialized_end=1173
+  _globals['_RESULT']._serialized_end=638
+  _globals['_EVENT']._serialized_start=640
+  _globals['_EVENT']._serialized_end=762
+  _globals['_DELIVERYBATCH']._serialized_start=764
+  _globals['_DELIVERYBATCH']._serialized_end=824
+  _globals['_EVENTBATCH']._serialized_start=826
+  _globals['_EVENTBATCH']._serialized_end=876
+  _globals['_HANDLEREPLY']._serialized_start=878
+  _globals['_HANDLEREPLY']._serialized_end=975
+  _globals['_HANDLERHOST']._serialized_start=978
+  _globals['_HANDLERHOST']._serialized_end=1193
 # @@protoc_insertion_point(module_scope)

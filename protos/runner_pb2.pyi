@@ -47,16 +47,18 @@ class Failure(_message.Message):
     def __init__(self, message: _Optional[str] = ..., type: _Optional[str] = ..., retryable: _Optional[bool] = ..., traceback: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("payload", "failure", "start", "end")
+    __slots__ = ("payload", "failure", "start", "end", "early_exit")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    EARLY_EXIT_FIELD_NUMBER: _ClassVar[int]
     payload: _any_pb2.Any
     failure: Failure
     start: _timestamp_pb2.Timestamp
     end: _timestamp_pb2.Timestamp
-    def __init__(self, payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    early_exit: bool
+    def __init__(self, payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., early_exit: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("delivery_id", "early_reply", "result")

@@ -81,6 +81,12 @@ class Sidecar:
     async def start(self) -> None:
         """Start serving probes, connect NATS (retrying forever), start channel and consumer."""
         log.info("sidecar starting: %s", self.settings.summary())
+        if not self.settings.entrypoint_subject:
+            log.warning(
+                "KRT_NATS_ENTRYPOINT_SUBJECT is not set: error envelopes go to the output "
+                "subject %s, so a later node must stop the workflow; KRE sets it for every node",
+                self.settings.nats_output,
+            )
         await self.http.start()
         await self.channel.start()
         self.nc = await nats.connect(

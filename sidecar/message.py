@@ -342,7 +342,8 @@ def _from_result(result: runner_pb2.Result, started_ns: int) -> Happened:
         return Raised(failure.message or failure.type, failure.type, failure.retryable)
     payload = result.payload if kind == "payload" else None
     start = _when(result.start) or _EPOCH + timedelta(microseconds=started_ns // 1000)
-    return Returned(payload, start, _when(result.end) or datetime.now(UTC))
+    end = _when(result.end) or datetime.now(UTC)
+    return Returned(payload, start, end, early_exit=result.early_exit)
 
 
 def _when(stamp: timestamp_pb2.Timestamp) -> datetime | None:

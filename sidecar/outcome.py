@@ -9,6 +9,7 @@ that publish fails. Every ending of every message is in this file:
 |----------------------------------------|-----------------------------------------------|
 | input is an earlier node's error       | PublishErrorThenAck(it, as it is): no handler |
 | handler returned a message             | PublishThenAck(output envelope)               |
+| ... having called ctx.early_exit()     | PublishThenAck(output, to the entrypoint)     |
 | handler returned None                  | Ack                                           |
 | last node, message already replied     | Ack, nothing published (KRE's rule)           |
 | handler raised (or timed out)          | PublishErrorThenAck(error envelope)           |
@@ -20,11 +21,13 @@ that publish fails. Every ending of every message is in this file:
 | delivered more than KRT_MAX_DELIVER    | DeadLetterAndTerm, the handler not called     |
 | the dead letter could not be published | Nak(backoff): never terminated unpublished    |
 
-A dead letter is: the error envelope on the output subject (unless KRE's last-node rule
-says nothing more goes to the entrypoint), the original input bytes and the reason on
-the dead-letter subject (KRT_NATS_DLQ_SUBJECT), then term. Outputs and error envelopes
-are published to KRT_NATS_OUTPUT (errors travel where the output would have gone);
-early replies go to KRT_NATS_ENTRYPOINT_SUBJECT.
+A dead letter is: the original input bytes and the reason on the dead-letter subject
+(KRT_NATS_DLQ_SUBJECT), then the error envelope (unless KRE's last-node rule says
+nothing more goes to the entrypoint), then term. Outputs go to KRT_NATS_OUTPUT. Error
+envelopes, this node's and forwarded ones, go to KRT_NATS_ENTRYPOINT_SUBJECT, as KRE's
+runners send them since 2022-08: the workflow stops there and the caller gets the
+error, while a later node (an older kre-py never reads `error`) never sees it. Early
+replies, and the output of a handler that called ctx.early_exit(), go there too.
 Backoff is `KRT_NAK_DELAY * 2**(attempt-1)`, capped at MAX_NAK_DELAY. The consumer has
 no `max_deliver` of its own (JetStream would drop a message nak'ed at the last attempt
 silently): the sidecar counts the attempts, and at the last one every retryable ending
@@ -60,6 +63,7 @@ class Returned:
     payload: any_pb2.Any | None
     start: datetime
     end: datetime
+    early_exit: bool = False  # ctx.early_exit(): the output goes to the entrypoint
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Policy:
     dlq_subject: str = ""
     # The largest envelope that may be published; None: max_payload_bytes.
     publish_limit: int | None = None
+    entrypoint_subject: str = ""  # early exits; "" when KRT_NATS_ENTRYPOINT_SUBJECT is unset
 
     @classmethod
     def from_settings(
@@ -165,15 +170,16 @@ class Policy:
         return cls(
             node_name=settings.node_name,
             output_subject=settings.nats_output,
-            # Error envelopes travel where the output would have gone, so the next node
-            # (or, from the last node, the entrypoint) sees the failure in order.
-            error_subject=settings.nats_output,
+            # KRE's runners stop the workflow on an error by sending it to the entrypoint.
+            # Without an entrypoint subject, errors go where the output would have gone.
+            error_subject=settings.entrypoint_subject or settings.nats_output,
             is_last_node=settings.is_last_node,
             max_deliver=settings.max_deliver,
             nak_delay=settings.nak_delay,
             max_payload_bytes=settings.max_payload_bytes,
             dlq_subject=settings.dlq_subject or f"{settings.nats_output}.dlq",
             publish_limit=limit,
+            entrypoint_subject=settings.entrypoint_subject,
         )
 
     def backoff(self, attempt: int) -> float:
@@ -275,6 +281,12 @@ def _output(returned: Returned, facts: Facts, policy: Policy) -> Action:
     if _already_replied(facts, policy):
         return Ack("last node and the message was already replied", outcome="skipped_replied")
     assert facts.request is not None and returned.payload is not None
+    subject = policy.output_subject
+    if returned.early_exit or facts.request.early_exit:  # kre-py honours either
+        if not policy.entrypoint_subject:
+            message = "ctx.early_exit needs KRT_NATS_ENTRYPOINT_SUBJECT, which is not set"
+            return _error(message, facts, policy)
+        subject = policy.entrypoint_subject
     output = envelope.build_output(
         facts.request, policy.node_name, returned.payload, returned.start, returned.end
     )
@@ -284,12 +296,13 @@ def _output(returned: Returned, facts: Facts, policy: Policy) -> Action:
         data = envelope.encode(output, policy.max_payload_bytes, policy.publish_limit)
     except PayloadTooLargeError as exc:
         return _error(str(exc), facts, policy)
-    return PublishThenAck(policy.output_subject, output, data)
+    return PublishThenAck(subject, output, data)
 
 
 def _forward_error(facts: Facts, policy: Policy) -> Action:
-    # An earlier node failed: its error envelope travels on, as it is, to the end of the
-    # workflow, where the entrypoint answers the caller with it.
+    # An earlier node (an older runner sends errors downstream) failed: its error
+    # envelope goes on as it is, straight to the entrypoint, which answers the caller
+    # with it; a later node, which might take it for a request, never sees it.
     if _already_replied(facts, policy):
         return Ack("last node, already replied; not forwarding an error", "skipped_replied")
     assert facts.request is not None

@@ -128,13 +128,15 @@ class SidecarSettings:
         node_name = reader.required("KRT_NODE_NAME")
         entrypoint = reader.text("KRT_NATS_ENTRYPOINT_SUBJECT")
         output = reader.output(entrypoint)
+        stream = reader.required("KRT_NATS_STREAM")
         settings = cls(
             node_name=node_name,
             nats_servers=_split(reader.required("KRT_NATS_SERVER")),
             nats_inputs=reader.inputs(),
             nats_output=output,
-            nats_stream=reader.required("KRT_NATS_STREAM"),
-            dlq_subject=reader.text("KRT_NATS_DLQ_SUBJECT") or (f"{output}.dlq" if output else ""),
+            nats_stream=stream,
+            dlq_subject=reader.text("KRT_NATS_DLQ_SUBJECT")
+            or default_dlq_subject(output, stream, node_name),
             workflow_name=reader.text("KRT_WORKFLOW_NAME"),
             version_id=reader.text("KRT_VERSION_ID"),
             version=reader.text("KRT_VERSION"),
@@ -192,6 +194,21 @@ class SidecarSettings:
             f"handler_timeout={self.handler_timeout:g}s "
             f"grace={self.shutdown_grace:g}s http={self.http_host}:{self.http_port}"
         )
+
+
+def default_dlq_subject(output: str, stream: str, node_name: str) -> str:
+    """Where dead letters go unless KRT_NATS_DLQ_SUBJECT says: a subject the stream has.
+
+    A KRE stream captures `<stream>.*`, one token under its name, and its nodes' outputs
+    are `<stream>.<node>`: there the dead letters go to `<stream>.<node>-dlq`, which the
+    stream captures. Any other output gets `<output>.dlq`.
+    """
+    if not output:
+        return ""
+    prefix, _, token = output.rpartition(".")
+    if prefix == stream and token:
+        return f"{stream}.{sanitize_durable(node_name)}-dlq"
+    return f"{output}.dlq"
 
 
 def sanitize_durable(node_name: str) -> str:

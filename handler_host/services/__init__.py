@@ -76,7 +76,8 @@ class ServiceSettings:
     mongo_db: str = "data"  # KRT_MONGO_DB: ctx.db and ctx.prediction alike
     mongo_timeout_s: float = 5.0  # KRT_MONGO_TIMEOUT: bound on every MongoDB call
     influx_uri: str | None = None  # KRT_INFLUX_URI
-    influx_bucket: str = "kre"  # KRT_INFLUX_BUCKET ("database/retention-policy" on 1.8)
+    # KRT_INFLUX_BUCKET, else KRT_RUNTIME_ID, else kre ("database/retention-policy" on 1.8)
+    influx_bucket: str = "kre"
     influx_org: str = ""  # KRT_INFLUX_ORG
     influx_token: str = ""  # KRT_INFLUX_TOKEN ("username:password" on 1.8)
     nats_mongo_writer: str | None = None  # KRT_NATS_MONGO_WRITER: accepted, unused
@@ -117,7 +118,8 @@ class ServiceSettings:
             mongo_db=mongo_db,
             mongo_timeout_s=timeout,
             influx_uri=influx_uri,
-            influx_bucket=get("KRT_INFLUX_BUCKET") or "kre",
+            # kre-py writes to the bucket named after the runtime.
+            influx_bucket=get("KRT_INFLUX_BUCKET") or get("KRT_RUNTIME_ID") or "kre",
             influx_org=get("KRT_INFLUX_ORG") or "",
             influx_token=get("KRT_INFLUX_TOKEN") or "",
             nats_mongo_writer=get("KRT_NATS_MONGO_WRITER"),

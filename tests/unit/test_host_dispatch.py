@@ -289,3 +289,34 @@ async def test_cancellation_of_the_dispatch_propagates(make: Callable[..., Dispa
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_early_exit_marks_the_result(make: Callable[..., Dispatcher], kind: str) -> None:
+    def sync_handler(ctx: Any, data: any_pb2.Any) -> wrappers_pb2.StringValue:
+        if unpack(data) == "stop":
+            ctx.early_exit()
+        return wrappers_pb2.StringValue(value="done")
+
+    async def async_handler(ctx: Any, data: any_pb2.Any) -> wrappers_pb2.StringValue:
+        if unpack(data) == "stop":
+            ctx.early_exit()
+            ctx.early_exit()  # twice is once
+        return wrappers_pb2.StringValue(value="done")
+
+    dispatcher = make(sync_handler if kind == "sync" else async_handler)
+    stopped = await dispatcher.dispatch(delivery("stop"), no_early)
+    after = await dispatcher.dispatch(delivery("go on"), no_early)
+
+    assert stopped.early_exit is True
+    assert text_of(stopped) == "done"
+    assert after.early_exit is False  # each message's ctx starts unmarked
+
+
+async def test_early_exit_in_init_is_an_init_error(make: Callable[..., Dispatcher]) -> None:
+    def init(ctx: Any) -> None:
+        ctx.early_exit()
+
+    dispatcher = make(lambda ctx, data: None, init)
+    with pytest.raises(InitError, match="ctx.early_exit only works inside handler"):
+        await dispatcher.run_init()

@@ -92,6 +92,38 @@ def test_early_reply_marks_the_output_replied() -> None:
     assert action.envelope.replied is True
 
 
+def test_early_exit_publishes_the_output_to_the_entrypoint() -> None:
+    policy = Policy("node-b", "out", "entry", entrypoint_subject="entry")
+    happened = Returned(packed("done"), NOW, NOW, early_exit=True)
+    action = decide(happened, facts(), policy)
+    assert isinstance(action, PublishThenAck)
+    assert action.subject == "entry"
+    # As kre-py builds it: a plain output, tracking extended, the flag not passed on.
+    assert action.envelope.early_exit is False
+    assert [t.node_name for t in action.envelope.tracking] == ["node-a", "node-b"]
+
+
+def test_an_input_marked_early_exit_also_ends_at_the_entrypoint() -> None:
+    # kre-py reads the flag from the request it parsed, so a marked input does the same.
+    policy = Policy("node-b", "out", "entry", entrypoint_subject="entry")
+    marked = Facts(KreNatsMessage(tracking_id="t", early_exit=True), 1)
+    action = decide(returned(), marked, policy)
+    assert isinstance(action, PublishThenAck) and action.subject == "entry"
+
+
+def test_early_exit_without_an_entrypoint_subject_is_an_error_envelope() -> None:
+    happened = Returned(packed("done"), NOW, NOW, early_exit=True)
+    action = decide(happened, facts(), POLICY)
+    assert isinstance(action, PublishErrorThenAck)
+    assert "KRT_NATS_ENTRYPOINT_SUBJECT" in action.envelope.error
+
+
+def test_early_exit_at_the_last_node_of_a_replied_message_publishes_nothing() -> None:
+    happened = Returned(packed("done"), NOW, NOW, early_exit=True)
+    action = decide(happened, facts(replied=True), LAST)
+    assert isinstance(action, Ack) and action.outcome == "skipped_replied"
+
+
 def test_large_output_is_gzipped() -> None:
     action = decide(returned("x" * 2_000_000), facts(), POLICY)
     assert isinstance(action, PublishThenAck)
@@ -221,7 +253,8 @@ def test_replied_input_on_a_middle_node_is_still_published() -> None:
     assert action.envelope.replied is True
 
 
-def test_policy_from_settings_sends_errors_where_the_output_goes() -> None:
+def test_policy_from_settings_sends_errors_to_the_entrypoint() -> None:
+    # KRE's runners since 2022-08: an error stops the workflow at the entrypoint.
     settings = SidecarSettings(
         node_name="n",
         nats_servers=("s",),
@@ -235,7 +268,16 @@ def test_policy_from_settings_sends_errors_where_the_output_goes() -> None:
         max_payload_bytes=2048,
     )
     policy = Policy.from_settings(settings)
-    assert policy == Policy("n", "out", "out", True, 3, 0.5, 2048, "out.dlq")
+    expected = Policy("n", "out", "entry", True, 3, 0.5, 2048, "out.dlq", entrypoint_subject="entry")
+    assert policy == expected
+
+
+def test_policy_without_an_entrypoint_sends_errors_where_the_output_goes() -> None:
+    settings = SidecarSettings(
+        node_name="n", nats_servers=("s",), nats_inputs=("i",), nats_stream="S", nats_output="out"
+    )
+    policy = Policy.from_settings(settings)
+    assert (policy.error_subject, policy.entrypoint_subject) == ("out", "")
 
 
 def test_policy_from_settings_keeps_room_under_the_server_max_payload() -> None:

@@ -216,6 +216,23 @@ def test_settings_are_frozen() -> None:
         s.node_name = "other"  # type: ignore[misc]
 
 
+def test_dead_letter_subject_of_a_kre_stream_is_one_token_under_it() -> None:
+    # A KRE v1 stream captures `<stream>.*`: `<output>.dlq` would be two tokens under it.
+    kre = {
+        "KRT_NODE_NAME": "nodeB",
+        "KRT_NATS_STREAM": "runtime1-greeter-v1-Greet",
+        "KRT_NATS_OUTPUT": "runtime1-greeter-v1-Greet.nodeC",
+    }
+    assert settings(**kre).dlq_subject == "runtime1-greeter-v1-Greet.nodeB-dlq"
+    last = settings(
+        **{**kre, "KRT_NATS_OUTPUT": ""}, KRT_NATS_ENTRYPOINT_SUBJECT="runtime1-greeter-v1-Greet.ep"
+    )
+    assert last.dlq_subject == "runtime1-greeter-v1-Greet.nodeB-dlq"
+    odd_name = settings(**{**kre, "KRT_NODE_NAME": "node b.1"})
+    assert odd_name.dlq_subject == "runtime1-greeter-v1-Greet.node_b_1-dlq"
+    assert settings(**kre, KRT_NATS_DLQ_SUBJECT="x.y").dlq_subject == "x.y"
+
+
 def test_dead_letter_subject_defaults_to_the_output_dot_dlq() -> None:
     assert settings().dlq_subject == "wf.node-b.dlq"
     assert settings(KRT_NATS_DLQ_SUBJECT="wf.dead").dlq_subject == "wf.dead"
