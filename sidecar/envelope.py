@@ -123,8 +123,9 @@ def build_output(
 
     tracking_id, reply and replied are carried over; the previous tracking entries
     are kept and one is added for this node. Fields this version does not know (a newer
-    envelope's) are carried over too; an error and an early exit are not. The request is copied whole,
-    payload included: the sidecar clears its payload first (`MessageProcessor._process`).
+    envelope's) are carried over too; an error and an early exit are not. The request is
+    copied whole, payload included: the sidecar clears its payload first
+    (`MessageProcessor._process`).
     """
     output = KreNatsMessage()
     output.CopyFrom(request)  # one copy: half the time of copying the fields one by one
@@ -132,9 +133,7 @@ def build_output(
         output.ClearField("error")
     if output.early_exit:  # KRE's runners build each output afresh: the flag is not passed on
         output.ClearField("early_exit")
-    output.tracking.add(
-        node_name=node_name, start=tracking_time(start), end=tracking_time(end)
-    )
+    output.tracking.add(node_name=node_name, start=tracking_time(start), end=tracking_time(end))
     output.payload.CopyFrom(payload)
     return output
 

@@ -51,3 +51,54 @@ class HandlerUnavailable(RunnerError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"handler host unavailable: {reason}")
+
+
+class ConsumerConflict(RunnerError):
+    """The durable consumer exists with settings the server will not change into ours.
+
+    Typically the push consumer of KRE's own Python runner, or one made by hand: bound
+    as it is, it would never deliver to the sidecar. `differences` says in words how it
+    differs from the consumer the sidecar needs; `server_said` is the server's refusal.
+    """
+
+    def __init__(
+        self, stream: str, durable: str, differences: Sequence[str], server_said: str
+    ) -> None:
+        self.stream = stream
+        self.durable = durable
+        self.differences = tuple(differences)
+        self.server_said = server_said
+        found = "; ".join(self.differences) or "no difference the sidecar knows of"
+        super().__init__(
+            f"consumer {durable} on stream {stream} exists with settings the server will not "
+            f"change ({server_said}): {found}. Delete it once no old replica uses it "
+            f"(nats consumer rm {stream} {durable}), or set KRT_NATS_DURABLE to a new name"
+        )
+
+
+class SubjectNotCaptured(RunnerError):
+    """No stream captures a subject the sidecar must publish to, so some messages cannot end.
+
+    `variable` is the setting that names the subject, `stream` the node's stream and
+    `stream_subjects` its subjects, `consequence` what would happen to messages.
+    """
+
+    def __init__(
+        self,
+        variable: str,
+        subject: str,
+        stream: str,
+        stream_subjects: Sequence[str],
+        consequence: str,
+    ) -> None:
+        self.variable = variable
+        self.subject = subject
+        self.stream = stream
+        self.stream_subjects = tuple(stream_subjects)
+        self.consequence = consequence
+        have = ", ".join(self.stream_subjects) or "none"
+        super().__init__(
+            f"{variable}={subject} is captured by no stream: {consequence}. Add it to the "
+            f"subjects of stream {stream} (now: {have}), or set {variable} to a subject "
+            "that a stream captures"
+        )

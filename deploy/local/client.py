@@ -30,8 +30,9 @@ from nats.js.errors import NotFoundError
 from protos.kre_nats_msg_pb2 import KreNatsMessage
 
 
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+def now_kre() -> str:
+    """Now, as KRE's entrypoint and runners write tracking times: naive UTC, microseconds."""
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
 def request_envelope(
@@ -44,7 +45,7 @@ def request_envelope(
     msg = KreNatsMessage(
         tracking_id=tracking_id or uuid.uuid4().hex, replied=replied, reply="_INBOX.kre-demo"
     )
-    stamp = now_rfc3339()
+    stamp = now_kre()
     msg.tracking.add(node_name=from_node, start=stamp, end=stamp)
     msg.payload.Pack(payload)
     return msg
@@ -98,45 +99,52 @@ class Upstream:
 
 
 class _StreamReader:
-    """Reads everything written to one subject of the stream, from the first message on.
+    """Reads everything written to some subjects of the stream, from the first message on.
 
-    An ephemeral pull consumer with no acks; `stored_at` holds each message's JetStream
-    timestamp (epoch seconds), in the order read.
+    An ephemeral pull consumer per subject, with no acks; `stored_at` holds each
+    message's JetStream timestamp (epoch seconds), in the order read.
     """
 
-    def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
+    def __init__(self, js: JetStreamContext, stream: str, subject: str, *more: str) -> None:
         self.js = js
         self.stream = stream
         self.subject = subject
+        self.subjects = list(dict.fromkeys((subject, *more)))
         self.stored_at: list[float] = []
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._subs: list[JetStreamContext.PullSubscription] = []
 
     @property
     def count(self) -> int:
         return len(self.stored_at)
 
     async def start(self) -> Self:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            filter_subject=self.subject,
-            inactive_threshold=300.0,
-        )
-        self._sub = await self.js.pull_subscribe(
-            self.subject, durable=None, stream=self.stream, config=config
-        )
+        for subject in self.subjects:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.NONE,
+                filter_subject=subject,
+                inactive_threshold=300.0,
+            )
+            self._subs.append(
+                await self.js.pull_subscribe(
+                    subject, durable=None, stream=self.stream, config=config
+                )
+            )
         return self
 
     async def poll(self, batch: int = 512, timeout: float = 0.2) -> int:
-        assert self._sub is not None, "call start() first"
-        try:
-            msgs = await self._sub.fetch(batch, timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return 0
-        for raw in msgs:
-            self._take(raw)
-            self.stored_at.append(raw.metadata.timestamp.timestamp())
-        return len(msgs)
+        assert self._subs, "call start() first"
+        found = 0
+        for sub in self._subs:
+            try:
+                msgs = await sub.fetch(batch, timeout=timeout / len(self._subs))
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            for raw in msgs:
+                self._take(raw)
+                self.stored_at.append(raw.metadata.timestamp.timestamp())
+            found += len(msgs)
+        return found
 
     def _take(self, raw: Msg) -> None:
         raise NotImplementedError
@@ -149,24 +157,27 @@ class _StreamReader:
         await self.poll(batch, timeout=0.3)  # anything beyond `count` is worth seeing
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
+        self._subs = []
 
 
 class Downstream(_StreamReader):
-    """The KRE envelopes a node wrote to its output subject, duplicates included."""
+    """The KRE envelopes a node wrote to its output subject (and to any other subjects
+    given, such as the entrypoint's, where errors go), duplicates included."""
 
-    def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
-        super().__init__(js, stream, subject)
+    def __init__(self, js: JetStreamContext, stream: str, subject: str, *more: str) -> None:
+        super().__init__(js, stream, subject, *more)
         self.received: list[KreNatsMessage] = []
         self.received_at: dict[str, float] = {}
+        self.subject_of: dict[str, str] = {}  # tracking id: the subject it came on (last)
 
     def _take(self, raw: Msg) -> None:
         envelope = KreNatsMessage.FromString(decompress(raw.data))
         self.received.append(envelope)
         self.received_at.setdefault(envelope.tracking_id, time.perf_counter())
+        self.subject_of[envelope.tracking_id] = raw.subject
 
     async def wait_for(self, count: int, timeout: float, batch: int = 512) -> list[KreNatsMessage]:
         """Until `count` envelopes arrived (then a short quiet look for extras) or timeout."""
@@ -198,7 +209,7 @@ class DeadLetter:
 
 
 class DeadLetters(_StreamReader):
-    """The dead letters a node wrote (`KRT_NATS_DLQ_SUBJECT`, default `<output>.dlq`)."""
+    """The dead letters a node wrote (`KRT_NATS_DLQ_SUBJECT`)."""
 
     def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
         super().__init__(js, stream, subject)

@@ -4,8 +4,9 @@ A real nats-server, nx-27017 (MongoDB protocol) and VictoriaMetrics (InfluxDB wr
 protocol); two nodes, each a sidecar and a handler host as real processes:
 `greeter` (examples/greeter/handler.py) then `recorder` (examples/greeter/recorder.py,
 which uses ctx.db, ctx.prediction and ctx.measurement). It sends a few requests as
-KRE's entrypoint would, prints what the workflow's last node wrote to its output
-subject and what landed in the stores, and exits 0 when every request got its reply.
+KRE's entrypoint would, prints what came back on the entrypoint subject (the last
+node's replies, and any node's error envelopes) and what landed in the stores, and
+exits 0 when every request got its reply.
 `--serve` keeps everything running until Ctrl-C.
 """
 
@@ -51,8 +52,9 @@ def workflow(nats_url: str, mongo_uri: str, influx_uri: str) -> list[NodeConfig]
             node_name="recorder",
             handler_path="recorder.py",
             input_subject=f"{STREAM}.recorder",
-            output_subject=f"{STREAM}.out",
-            **common,
+            # The last node answers the entrypoint, where every node's errors go too.
+            output_subject=f"{STREAM}.entrypoint",
+            **{**common, "extra": {**stores, "KRT_IS_LAST_NODE": "true"}},
         ),  # type: ignore[arg-type]
     ]
 
@@ -96,7 +98,7 @@ async def run(serve: bool) -> int:
                     f"node {config.node_name!r} ready: {config.input_subject} -> "
                     f"{config.output_subject} (logs in {node.run_dir})"
                 )
-            downstream = await Downstream(js, STREAM, nodes[-1].output_subject).start()
+            downstream = await Downstream(js, STREAM, nodes[-1].entrypoint_subject).start()
             requests = [request_envelope(Request(name=name)) for name in NAMES]
             await Upstream(js, nodes[0].input_subject).send_all(requests)
             print(f"sent {len(requests)} requests to {nodes[0].input_subject}")
@@ -115,7 +117,7 @@ async def run(serve: bool) -> int:
 async def serve_until_interrupted(first: NodeConfig, last: NodeConfig) -> None:
     print(
         f"serving: publish KRE envelopes to {first.input_subject!r} on {first.nats_url}; "
-        f"replies on {last.output_subject!r}. Ctrl-C stops."
+        f"replies and errors on {last.entrypoint_subject!r}. Ctrl-C stops."
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.local.procs import free_port, stop_process, venv_bin, wait_until
+from sidecar.settings import default_dlq_subject
 
 
 @dataclass
@@ -46,8 +47,14 @@ class NodeConfig:
             self.input_subject,
             self.output_subject,
             self.entrypoint_subject,
-            f"{self.output_subject}.dlq",
+            self.dlq_subject,
         ]
+
+    @property
+    def dlq_subject(self) -> str:
+        """The sidecar's default dead-letter subject for this node, unless `extra` sets one."""
+        default = default_dlq_subject(self.output_subject, self.stream, self.node_name)
+        return self.extra.get("KRT_NATS_DLQ_SUBJECT", default)
 
     def env(self, socket_path: Path, http_port: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}

@@ -62,7 +62,9 @@ async def run_node(js, make_node, config: NodeConfig, requests: list, timeout: f
 
     await ensure_stream(js, config.stream, config.subjects)
     make_node(config).start()
-    downstream = await Downstream(js, config.stream, config.output_subject).start()
+    downstream = await Downstream(
+        js, config.stream, config.output_subject, config.entrypoint_subject
+    ).start()
     await Upstream(js, config.input_subject).send_all(requests)
     await downstream.wait_for(len(requests), timeout)
     assert downstream.duplicates() == 0

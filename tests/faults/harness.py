@@ -90,8 +90,9 @@ class Load:
         """Start following the output subject (call again after a NATS restart)."""
         if self.live is not None:
             await self.live.stop()
+        config = self.config  # outputs, and the error envelopes sent to the entrypoint
         self.live = await Downstream(
-            self.js, self.config.stream, self.config.output_subject
+            self.js, config.stream, config.output_subject, config.entrypoint_subject
         ).start()
         return self
 
@@ -147,9 +148,12 @@ class Load:
         """Wait for every reply and a settled consumer, read it all again, check, report."""
         await self.until_answered(self.expected, timeout, batch)
         info = await self.settled(self.config.node_name, timeout)
-        replies = await Downstream(self.js, self.config.stream, self.config.output_subject).start()
+        config = self.config
+        replies = await Downstream(
+            self.js, config.stream, config.output_subject, config.entrypoint_subject
+        ).start()
         await replies.wait_for(self.expected, 30, batch)
-        letters = DeadLetters(self.js, self.config.stream, f"{self.config.output_subject}.dlq")
+        letters = DeadLetters(self.js, self.config.stream, self.config.dlq_subject)
         await (await letters.start()).wait_for(len(self.poison), 30)
         row = self._row(replies, letters)
         self.report.append(row)

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 
 from deploy.local.client import DeadLetters, Downstream, ensure_stream, request_envelope
 from protos import runner_pb2
+from sidecar.main import Sidecar
 from tests.faults.harness import delivered
 from tests.integration.test_sidecar_nats import NODE, Node, eventually, settled
 from tests.unit.fake_handler_host import Emit, packed, text_of
@@ -59,7 +60,7 @@ async def test_bad_inputs_get_an_error_envelope_a_dead_letter_and_term(
 ) -> None:
     await node.host()
     await node.sidecar(KRT_MAX_MESSAGE_BYTES=str(1024 * 1024), KRT_GRPC_MAX_MESSAGE_BYTES="65536")
-    downstream = await Downstream(js, node.stream, node.output).start()
+    downstream = await Downstream(js, node.stream, node.output, node.entrypoint).start()
     letters = await DeadLetters(js, node.stream, node.dlq).start()
     inputs = bad_inputs()
     too_big = request_envelope(StringValue(value="y" * 100_000))
@@ -122,10 +123,13 @@ async def test_a_dead_letter_that_cannot_be_published_is_retried_never_termed(
     js: JetStreamContext, node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
     await node.host()
-    lost = f"{node.stream}.lost.dlq"  # no stream captures it yet
+    lost = f"{node.stream}.lost.dlq"
+    await ensure_stream(js, node.stream, [lost])
+    sidecar = await node.sidecar(KRT_NATS_DLQ_SUBJECT=lost)
+    await eventually(lambda: _ready(sidecar))  # a stream captured it at start
+    await drop_subject(js, node.stream, lost)  # then it is taken out of the stream
     with caplog.at_level(logging.WARNING):
-        await node.sidecar(KRT_NATS_DLQ_SUBJECT=lost)
-        downstream = await Downstream(js, node.stream, node.output).start()
+        downstream = await Downstream(js, node.stream, node.output, node.entrypoint).start()
         await js.publish(node.input, b"\xff not an envelope")
 
         async def retried() -> bool:
@@ -133,8 +137,9 @@ async def test_a_dead_letter_that_cannot_be_published_is_retried_never_termed(
             return delivered(info) >= 3
 
         await eventually(retried)
-    assert f"KRT_NATS_DLQ_SUBJECT={lost} is not a subject of stream" in caplog.text
     assert "dead letter not published" in caplog.text
+    await downstream.poll(timeout=0.5)
+    assert downstream.received == []  # no error envelope before the dead letter has landed
 
     await ensure_stream(js, node.stream, [lost])  # the operator fixes the stream
     letters = await DeadLetters(js, node.stream, lost).start()
@@ -148,6 +153,16 @@ async def test_a_dead_letter_that_cannot_be_published_is_retried_never_termed(
     assert delivered(info) >= 3  # delivered again until the dead letter landed
 
 
+async def _ready(sidecar: Sidecar) -> bool:
+    return sidecar.ready()[0]
+
+
+async def drop_subject(js: JetStreamContext, stream: str, subject: str) -> None:
+    info = await js.stream_info(stream)
+    info.config.subjects = [s for s in info.config.subjects or [] if s != subject]
+    await js.update_stream(info.config)
+
+
 async def test_an_output_over_the_server_max_payload_is_an_error_envelope(
     js: JetStreamContext, node: Node
 ) -> None:
@@ -157,7 +172,7 @@ async def test_an_output_over_the_server_max_payload_is_an_error_envelope(
 
     await node.host(huge)
     await node.sidecar(KRT_MAX_PAYLOAD_BYTES=str(8 * 1024 * 1024))  # the server's 1 MiB rules
-    downstream = await Downstream(js, node.stream, node.output).start()
+    downstream = await Downstream(js, node.stream, node.output, node.entrypoint).start()
     request = request_envelope(StringValue(value="x"))
 
     await js.publish(node.input, request.SerializeToString())

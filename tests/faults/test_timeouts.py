@@ -48,7 +48,9 @@ async def test_hung_async_handlers_time_out_and_the_host_keeps_serving(
     hung = texts(5, prefix="hang:")
 
     await load.send([*good[:100], *hung, *good[100:]])
-    replies = await Downstream(js, config.stream, config.output_subject).start()
+    replies = await Downstream(
+        js, config.stream, config.output_subject, config.entrypoint_subject
+    ).start()
     await replies.wait_for(205, timeout=30)
     await load.settled(config.node_name, 30)
 
@@ -81,7 +83,9 @@ async def test_a_sync_handler_holding_the_only_thread_delays_but_loses_nothing(
 
     await load.send([stuck])
     await load.send(good)
-    replies = await Downstream(js, config.stream, config.output_subject).start()
+    replies = await Downstream(
+        js, config.stream, config.output_subject, config.entrypoint_subject
+    ).start()
     await replies.wait_for(21, timeout=40)
     await load.settled(config.node_name, 30)
 
@@ -116,7 +120,9 @@ async def test_a_frozen_handler_host_trips_the_sidecar_safety_net(
     finally:
         os.kill(node.host.pid, signal.SIGCONT)
 
-    replies = await Downstream(js, config.stream, config.output_subject).start()
+    replies = await Downstream(
+        js, config.stream, config.output_subject, config.entrypoint_subject
+    ).start()
     await replies.wait_for(300, timeout=60)
     await load.settled(config.node_name, 60)
     await answered_once(load, replies)
@@ -135,9 +141,11 @@ async def test_retryable_error_is_retried_with_backoff_then_dead_lettered(
     [gives_up] = texts(1, prefix="retry:9:")  # fails every one of the 4 attempts
 
     await load.send([recovers, gives_up])
-    replies = await Downstream(js, config.stream, config.output_subject).start()
+    replies = await Downstream(
+        js, config.stream, config.output_subject, config.entrypoint_subject
+    ).start()
     await replies.wait_for(2, timeout=30)
-    letters = await DeadLetters(js, config.stream, f"{config.output_subject}.dlq").start()
+    letters = await DeadLetters(js, config.stream, config.dlq_subject).start()
     [letter] = await letters.wait_for(1, timeout=10)
     info = await load.settled(config.node_name, 30)
 

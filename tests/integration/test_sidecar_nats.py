@@ -7,6 +7,7 @@ tests/unit/fake_handler_host.py, so every ending of the outcome table can be for
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 import time
@@ -21,12 +22,14 @@ from deploy.local.client import Downstream, Upstream, ensure_stream, request_env
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar.main import Sidecar
-from sidecar.settings import SidecarSettings
+from sidecar.settings import SidecarSettings, default_dlq_subject
 from tests.unit.fake_handler_host import Emit, FakeHandlerHost, RunningHost, packed, text_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 NODE = "node-x"
+# KRE's tracking times: naive UTC, six fraction digits.
+KRE_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}")
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
@@ -49,7 +52,8 @@ class Node:
         self.input = f"{stream}.in"
         self.output = f"{stream}.out"
         self.entrypoint = f"{stream}.entry"
-        self.dlq = f"{stream}.out.dlq"
+        # Outputs `<stream>.<token>` have KRE's shape: dead letters go to `<stream>.<node>-dlq`.
+        self.dlq = default_dlq_subject(self.output, stream, NODE)
         self.env = {
             "KRT_NODE_NAME": NODE,
             "KRT_NATS_SERVER": nats_url,
@@ -142,7 +146,7 @@ async def test_200_messages_give_200_outputs_and_a_settled_consumer(
         assert words(output) == f"hello w{i}"
         assert output.reply == request.reply
         assert [t.node_name for t in output.tracking] == ["entrypoint", NODE]
-        assert output.tracking[1].end.endswith("Z")
+        assert KRE_TIME.fullmatch(output.tracking[1].end)
     info = await settled(js, node)
     assert info.num_redelivered == 0
     # KRT_MAX_DELIVER is counted by the sidecar: JetStream's own limit would drop messages.
@@ -160,7 +164,7 @@ async def test_raise_none_and_bad_input(js: JetStreamContext, node: Node) -> Non
 
     await node.host(respond)
     await node.sidecar()
-    downstream = await Downstream(js, node.stream, node.output).start()
+    downstream = await Downstream(js, node.stream, node.output, node.entrypoint).start()
     raising = request_envelope(StringValue(value="raise"))
     quiet = request_envelope(StringValue(value="none"))
 
@@ -177,6 +181,8 @@ async def test_raise_none_and_bad_input(js: JetStreamContext, node: Node) -> Non
     assert sum(e.startswith(f"error in '{NODE}': bad input: ") for e in errors) == 2
     by_id = downstream.by_tracking_id()
     assert by_id[raising.tracking_id].error == f"error in '{NODE}': boom"
+    # Every error went to the entrypoint, none downstream: the workflow stops there.
+    assert [m for m in outputs if downstream.subject_of[m.tracking_id] != node.entrypoint] == []
     assert quiet.tracking_id not in by_id
     assert info.num_redelivered == 0
 
@@ -233,7 +239,7 @@ async def test_retryable_failure_dead_letters_at_max_deliver(
 
     host = await node.host(respond)
     await node.sidecar(KRT_MAX_DELIVER="3")
-    downstream = await Downstream(js, node.stream, node.output).start()
+    downstream = await Downstream(js, node.stream, node.entrypoint).start()
     request = request_envelope(StringValue(value="x"))
 
     await js.publish(node.input, request.SerializeToString())
@@ -344,7 +350,10 @@ async def test_missing_stream_means_not_ready_until_it_exists(
     js: JetStreamContext, node: Node
 ) -> None:
     await node.host()
-    sidecar = await node.sidecar(KRT_NATS_STREAM=f"{node.stream}-late")
+    # The dead letters stay in the first stream: only the late stream is missing.
+    sidecar = await node.sidecar(
+        KRT_NATS_STREAM=f"{node.stream}-late", KRT_NATS_DLQ_SUBJECT=node.dlq
+    )
     await eventually(lambda: _true("not found" in sidecar.ready()[1]))
     status, body = await http_get(sidecar.http_port, "/readyz")
     assert status == 503 and "not found" in body

@@ -318,5 +318,5 @@ async def test_early_exit_in_init_is_an_init_error(make: Callable[..., Dispatche
         ctx.early_exit()
 
     dispatcher = make(lambda ctx, data: None, init)
-    with pytest.raises(InitError, match="ctx.early_exit only works inside handler"):
+    with pytest.raises(InitError, match=r"ctx\.early_exit only works inside handler"):
         await dispatcher.run_init()

@@ -71,9 +71,7 @@ def _any(type_url: str, value: bytes) -> bytes:
 
 
 GREETING = wrappers_pb2.StringValue(value="Hello, Ada!")
-GREETING_ANY = _any(
-    "type.googleapis.com/google.protobuf.StringValue", GREETING.SerializeToString()
-)
+GREETING_ANY = _any("type.googleapis.com/google.protobuf.StringValue", GREETING.SerializeToString())
 ENTRYPOINT_TRACKING = _tracking(
     "greeter-entrypoint", "2022-08-19T10:00:00", "2022-08-19T10:00:00.000100"
 )
@@ -86,7 +84,9 @@ def kre_py_input(**fields: object) -> KreNatsMessage:
     with no fraction at all when the microseconds happen to be 0 (the entrypoint's)."""
     msg = KreNatsMessage(tracking_id="7b1c", reply="req-42", **fields)  # type: ignore[arg-type]
     msg.tracking.add(
-        node_name="greeter-entrypoint", start="2022-08-19T10:00:00", end="2022-08-19T10:00:00.000100"
+        node_name="greeter-entrypoint",
+        start="2022-08-19T10:00:00",
+        end="2022-08-19T10:00:00.000100",
     )
     msg.tracking.add(
         node_name="nodeA", start="2022-08-19T10:00:00.000120", end="2022-08-19T10:00:00.000200"
@@ -228,7 +228,7 @@ def test_every_form_of_tracking_time_is_read(text: str) -> None:
 
 def test_tracking_time_round_trips() -> None:
     moment = datetime(2023, 12, 31, 22, 59, 58, 1, tzinfo=UTC)
-    for step in range(500):
+    for _ in range(500):
         moment += timedelta(seconds=3607, microseconds=7919)
         assert parse_stamp(envelope.tracking_time(moment)) == moment
         assert parse_stamp(envelope.tracking_time(moment.replace(tzinfo=None))) == moment

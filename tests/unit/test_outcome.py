@@ -268,7 +268,9 @@ def test_policy_from_settings_sends_errors_to_the_entrypoint() -> None:
         max_payload_bytes=2048,
     )
     policy = Policy.from_settings(settings)
-    expected = Policy("n", "out", "entry", True, 3, 0.5, 2048, "out.dlq", entrypoint_subject="entry")
+    expected = Policy(
+        "n", "out", "entry", True, 3, 0.5, 2048, "out.dlq", entrypoint_subject="entry"
+    )
     assert policy == expected
 
 
