@@ -103,6 +103,7 @@ class HandlerNode(HandlerClient):
 
     stores: ContextServices | None = None
     early_replies: list[Any] = field(default_factory=list, init=False)
+    exited_early: bool = field(default=False, init=False)  # the last call's ctx.early_exit()
 
     @property
     def ctx(self) -> Context:
@@ -124,13 +125,15 @@ class HandlerNode(HandlerClient):
         With ``response_type`` the answer is unpacked into it (TypeError if the handler
         returned another type); without, into the class its type URL names, if that
         type is imported, else the ``Any`` is returned. ``node.early_replies`` holds
-        this call's early replies, unpacked the same way (without ``response_type``).
+        this call's early replies, unpacked the same way (without ``response_type``), and
+        ``node.exited_early`` whether it called ``ctx.early_exit()``.
         """
         reply = await self.handle(
             payload, tracking_id=tracking_id, replied=replied, attempt=attempt, headers=headers
         )
         self.early_replies = [unpack(p) for p in reply.early_replies]
         result = reply.result
+        self.exited_early = result.early_exit
         outcome = result.WhichOneof("outcome")
         if outcome == "failure":
             raise HandlerFailed(result.failure)

@@ -22,7 +22,7 @@ from handler_host.loader import load_user_code
 from handler_host.main import start_host
 from handler_host.server import SERVICE_NAME, HostServer, start_server
 from handler_host.settings import HostSettings
-from handler_host.testing import HandlerClient, serve_handler
+from handler_host.testing import HandlerClient, serve_handler, serve_node
 from protos import kre_nats_msg_pb2, runner_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +59,9 @@ async def handler(ctx, data):
             await ctx.early_reply(wrappers_pb2.StringValue(value="second"))
         case "tracking":
             return wrappers_pb2.StringValue(value=ctx.tracking_id)
+        case "exit":
+            ctx.early_exit()
+            return wrappers_pb2.StringValue(value="final answer")
     return wrappers_pb2.StringValue(value=ctx.get("prefix") + text.value)
 """
 
@@ -256,6 +259,26 @@ async def test_handle_collects_early_replies(multi: HandlerClient) -> None:
 
     assert [unpack_text(p) for p in reply.early_replies] == ["early answer"]
     assert unpack_text(reply.result.payload) == "late result"
+
+
+async def test_early_exit_is_marked_in_the_result(multi: HandlerClient) -> None:
+    exited = await multi.handle(text("exit"))
+    plain = await multi.handle(text("plain"))
+
+    assert exited.result.early_exit is True
+    assert unpack_text(exited.result.payload) == "final answer"
+    assert plain.result.early_exit is False
+
+
+async def test_serve_node_tells_a_test_about_an_early_exit(tmp_path: Path) -> None:
+    write_handler(tmp_path, MULTI)
+    async with serve_node(tmp_path / "handler.py") as node:
+        assert await node.call(text("exit"), wrappers_pb2.StringValue) == (
+            wrappers_pb2.StringValue(value="final answer")
+        )
+        assert node.exited_early is True
+        await node.call(text("plain"))
+        assert node.exited_early is False
 
 
 async def test_second_early_reply_fails(multi: HandlerClient) -> None:
