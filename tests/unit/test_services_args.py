@@ -451,6 +451,13 @@ def test_settings_defaults_and_empty_values() -> None:
     )
 
 
+def test_influx_bucket_defaults_to_the_runtime_id_as_in_kre_py() -> None:
+    runtime = {"KRT_RUNTIME_ID": "runtime1"}
+    assert ServiceSettings.from_env(runtime).influx_bucket == "runtime1"
+    chosen = ServiceSettings.from_env({**runtime, "KRT_INFLUX_BUCKET": "kre/autogen"})
+    assert chosen.influx_bucket == "kre/autogen"
+
+
 def test_settings_read_every_variable() -> None:
     settings = ServiceSettings.from_env(
         {
