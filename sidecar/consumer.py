@@ -21,9 +21,9 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, RetentionPolicy
 
 from sidecar import metrics
+from sidecar.binding import check_subjects, consumer_gone, ensure_consumer
 from sidecar.channel import HandlerChannel
 from sidecar.errors import ConsumerConflict, SubjectNotCaptured
 from sidecar.message import PUBLISH_ERRORS, InFlight, MessageProcessor, describe
@@ -49,8 +49,6 @@ T = TypeVar("T")
 FETCH_TIMEOUT = 1.0  # also how long stopping may wait for the last fetch
 BIND_RETRY = 3.0  # while the consumer cannot be bound (stream missing, conflict, subjects)
 FETCH_ERROR_PAUSE = 1.0
-# JetStream's own default; several replicas share the durable consumer.
-MIN_MAX_ACK_PENDING = 1000
 # What one fetch may bring at most, counting every message at the server's max_payload:
 # the server must never have to push a burst the sidecar cannot read in time (it would
 # cut the connection as a slow consumer, past its max_pending: 64 MB by default, twice
@@ -59,16 +57,6 @@ MIN_MAX_ACK_PENDING = 1000
 FETCH_MAX_BYTES = 32 * 1024 * 1024
 # An in-progress ack is due once a message has been silent for ack_wait / 3.
 KEEP_ALIVE_FRACTION = 3
-# What becomes of messages when no stream captures a subject the sidecar publishes to.
-MUST_CAPTURE = {
-    "KRT_NATS_DLQ_SUBJECT": "a message to dead-letter would be nak'ed and retried forever",
-    "KRT_NATS_ENTRYPOINT_SUBJECT": (
-        "error envelopes and early replies could not be published, and their messages "
-        "would be retried forever"
-    ),
-}
-# The server's error code for a consumer it cannot create or update as asked.
-CONSUMER_CREATE_ERR = 10012
 
 
 class Window:
@@ -287,7 +275,7 @@ class Consumer:
             # 503, no responders: JetStream is restarting (wait it out), or the consumer
             # is gone (deleted by hand): bind again, which creates it.
             self.status = f"fetch failed: {describe(exc)}"
-            if await self._consumer_gone():
+            if await consumer_gone(self._js, self.settings):
                 log.warning("consumer %s is gone; creating it again", self.settings.durable)
                 return None
             log.warning("JetStream unavailable (%s); fetching again in %ss", exc, FETCH_ERROR_PAUSE)
@@ -318,8 +306,8 @@ class Consumer:
         problem = ""
         while not self._stopping.is_set():
             try:
-                await self._ensure_consumer()
-                await self._check_subjects()
+                await ensure_consumer(self._js, self.settings)
+                await check_subjects(self._js, self.settings, self._warned)
                 sub = await self._bind_pull(durable, stream)
             except nats.js.errors.NotFoundError:
                 problem = self._failed(problem, f"stream {stream} not found")
@@ -351,134 +339,8 @@ class Consumer:
             log.error("%s; retrying every %ss", problem, BIND_RETRY)
         return problem
 
-    async def _consumer_gone(self) -> bool:
-        """The stream says the durable consumer does not exist (not: no answer)."""
-        try:
-            await self._js.consumer_info(self.settings.nats_stream, self.settings.durable)
-        except nats.js.errors.NotFoundError:
-            return True
-        except PUBLISH_ERRORS:
-            pass  # no answer: JetStream is restarting, the consumer may well be there
-        return False
-
     async def _js_bind(self, durable: str, stream: str) -> Pull:
         return await self._js.pull_subscribe_bind(durable=durable, stream=stream)
-
-    async def _ensure_consumer(self) -> None:
-        """Create the durable consumer, or update an existing one to our settings.
-
-        The server refuses some updates (push to pull, deliver, ack or replay policy) and
-        then changes nothing at all: such a consumer is not ours to use, and
-        ConsumerConflict says how it differs and what to do.
-        """
-        stream, durable = self.settings.nats_stream, self.settings.durable
-        config = self.consumer_config()
-        try:
-            await self._js.add_consumer(stream, config=config)
-            return
-        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
-            refused = exc
-        try:
-            info = await self._js.consumer_info(stream, durable)
-        except nats.js.errors.NotFoundError:
-            raise refused from None  # no consumer to conflict with: another failure
-        differences = consumer_differences(info.config, config)
-        if not differences and refused.err_code != CONSUMER_CREATE_ERR:
-            raise refused
-        raise ConsumerConflict(
-            stream, durable, differences, refused.description or describe(refused)
-        )
-
-    async def _check_subjects(self) -> None:
-        """Check that streams capture the subjects the sidecar publishes to.
-
-        No stream for the dead-letter or the entrypoint subject: some messages could never
-        end, so the sidecar does not fetch (SubjectNotCaptured). No stream for the output
-        subject: a warning. The node's stream is looked at first, then JetStream is asked.
-        """
-        settings = self.settings
-        info = await self._js.stream_info(settings.nats_stream)
-        own = list(info.config.subjects or [])
-        for variable, subject in (
-            ("KRT_NATS_DLQ_SUBJECT", settings.dlq_subject),
-            ("KRT_NATS_ENTRYPOINT_SUBJECT", settings.entrypoint_subject),
-        ):
-            if not subject:
-                continue
-            stream = await self._capturing_stream(subject, own)
-            if stream is None:
-                raise SubjectNotCaptured(
-                    variable, subject, settings.nats_stream, own, MUST_CAPTURE[variable]
-                )
-            if variable == "KRT_NATS_DLQ_SUBJECT":
-                await self._warn_if_dropped(stream, subject)
-        output = settings.nats_output
-        if output and await self._capturing_stream(output, own) is None:
-            self._warn_once(
-                ("output", output),
-                "KRT_NATS_OUTPUT=%s is captured by no stream: publishing outputs fails (and "
-                "is retried) until a stream captures it",
-                output,
-            )
-
-    async def _capturing_stream(self, subject: str, own_subjects: list[str]) -> str | None:
-        """The name of the stream that stores what is published to `subject`; None if none."""
-        if any(subject_matches(pattern, subject) for pattern in own_subjects):
-            return self.settings.nats_stream
-        try:
-            return await self._js.find_stream_name_by_subject(subject)
-        except nats.js.errors.NotFoundError:
-            return None
-
-    async def _warn_if_dropped(self, stream: str, subject: str) -> None:
-        """Warn when JetStream would drop dead letters as soon as it stores them.
-
-        An interest-retention stream keeps a message only for the consumers whose filter
-        takes it: with none on the dead-letter subject, nothing keeps a dead letter.
-        """
-        if ("dropped", subject) in self._warned:
-            return
-        try:
-            info = await self._js.stream_info(stream)
-            if info.config.retention != RetentionPolicy.INTEREST:
-                return
-            consumers = await self._js.consumers_info(stream)
-        except PUBLISH_ERRORS:
-            return  # only advice: asked again at the next bind
-        if any(subject_matches(p, subject) for c in consumers for p in _filters(c.config) or [">"]):
-            return
-        self._warn_once(
-            ("dropped", subject),
-            "KRT_NATS_DLQ_SUBJECT=%s is captured by stream %s, whose retention is interest, "
-            "and no consumer of that stream takes it: JetStream drops every dead letter as "
-            "soon as it is stored. Add a durable consumer with filter subject %s to keep them",
-            subject,
-            stream,
-            subject,
-        )
-
-    def _warn_once(self, key: tuple[str, str], message: str, *args: object) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message, *args)
-
-    def consumer_config(self) -> ConsumerConfig:
-        inputs = list(self.settings.nats_inputs)
-        return ConsumerConfig(
-            name=self.settings.durable,
-            durable_name=self.settings.durable,
-            description=f"KRE node {self.settings.node_name}",
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.settings.ack_wait,
-            # Unlimited: the sidecar counts attempts itself (KRT_MAX_DELIVER) and dead-letters
-            # at the last one. JetStream's own limit would drop a message nak'ed because its
-            # dead letter could not be published.
-            max_deliver=-1,
-            max_ack_pending=max(self.settings.max_in_flight, MIN_MAX_ACK_PENDING),
-            filter_subject=inputs[0] if len(inputs) == 1 else None,
-            filter_subjects=inputs if len(inputs) > 1 else None,
-        )
 
     # One message
 
@@ -529,63 +391,3 @@ class Consumer:
             with contextlib.suppress(*PUBLISH_ERRORS):  # not sent: due again at the next look
                 await record.msg.in_progress()
                 record.pinged_at = sent
-
-
-def consumer_differences(have: ConsumerConfig, want: ConsumerConfig) -> list[str]:
-    """How an existing consumer differs from the one the sidecar needs, in words.
-
-    The updatable settings (ack wait, max deliver) count too: a refused update changes
-    nothing, so the consumer would keep them.
-    """
-    found: list[str] = []
-    if have.deliver_subject:
-        group = f" and deliver group {have.deliver_group}" if have.deliver_group else ""
-        found.append(
-            f"it is a push consumer (deliver subject {have.deliver_subject}{group}); "
-            "the sidecar needs a pull consumer"
-        )
-    for label, theirs, ours in (
-        ("deliver policy", have.deliver_policy, want.deliver_policy),
-        ("ack policy", have.ack_policy, want.ack_policy),
-        ("replay policy", have.replay_policy, want.replay_policy or ReplayPolicy.INSTANT),
-        ("ack wait", _seconds(have.ack_wait), _seconds(want.ack_wait)),
-        ("max deliver", have.max_deliver or -1, want.max_deliver),
-    ):
-        if _word(theirs) != _word(ours):
-            found.append(f"{label} is {_word(theirs)}, not {_word(ours)}")
-    if set(_filters(have)) != set(_filters(want)):
-        found.append(
-            f"filter subjects are {_listed(_filters(have))}, not {_listed(_filters(want))}"
-        )
-    return found
-
-
-def _filters(config: ConsumerConfig) -> list[str]:
-    return list(
-        config.filter_subjects or ([config.filter_subject] if config.filter_subject else [])
-    )
-
-
-def _listed(subjects: list[str]) -> str:
-    return ", ".join(subjects) or "none (every subject of the stream)"
-
-
-def _word(value: object) -> str:
-    """An enum's wire value ("new", not "DeliverPolicy.NEW"); -1 reads as unlimited."""
-    word = str(getattr(value, "value", value))
-    return "unlimited" if word == "-1" else word
-
-
-def _seconds(value: float | None) -> str:
-    return "unset" if value is None else f"{value:g}s"
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: `*` is one token, a final `>` one or more."""
-    want, have = pattern.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(have) > i
-        if i >= len(have) or (token != "*" and token != have[i]):
-            return False
-    return len(want) == len(have)

@@ -19,7 +19,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from deploy.local.client import Downstream, ensure_stream, request_envelope
 from deploy.local.nats import NatsServer
 from sidecar import consumer as consumer_module
-from sidecar.consumer import Consumer
 from sidecar.main import Sidecar
 from sidecar.settings import SidecarSettings
 from tests.integration.test_sidecar_nats import eventually, http_get
@@ -92,16 +91,16 @@ async def start_sidecar(node: Subjects) -> AsyncIterator[object]:
 
 @pytest.fixture
 def attempts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Quick retries; each bind attempt (a call of Consumer._ensure_consumer) is counted."""
+    """Quick retries; each bind attempt (a call of ensure_consumer) is counted."""
     monkeypatch.setattr(consumer_module, "BIND_RETRY", 0.1)
     calls: list[str] = []
-    ensure = Consumer._ensure_consumer
+    ensure = consumer_module.ensure_consumer
 
-    async def counted(self: Consumer) -> None:
-        calls.append(self.settings.durable)
-        await ensure(self)
+    async def counted(js: JetStreamContext, settings: SidecarSettings) -> None:
+        calls.append(settings.durable)
+        await ensure(js, settings)
 
-    monkeypatch.setattr(Consumer, "_ensure_consumer", counted)
+    monkeypatch.setattr(consumer_module, "ensure_consumer", counted)
     return calls
 
 

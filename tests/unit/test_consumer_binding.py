@@ -12,7 +12,8 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, RetentionPolicy
 
 from sidecar import consumer as consumer_module
-from sidecar.consumer import Consumer, consumer_differences, subject_matches
+from sidecar.binding import consumer_config, consumer_differences, subject_matches
+from sidecar.consumer import Consumer
 from sidecar.errors import ConsumerConflict, SubjectNotCaptured
 from tests.unit.fake_jetstream import (
     FakeJs,
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.timeout(20)
 SETTINGS = consumer_settings(
     nats_stream="S", nats_inputs=("S.in",), nats_output="S.out", durable="v1-n", dlq_subject="S.dlq"
 )
-WANTED = Consumer(SETTINGS, None, ReadyChannel()).consumer_config()  # type: ignore[arg-type]
+WANTED = consumer_config(SETTINGS)
 # The consumer KRE's Python runner (kre-py) makes, as the server describes it.
 KRE_PY = ConsumerConfig(
     durable_name="v1-n",

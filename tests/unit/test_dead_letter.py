@@ -5,7 +5,7 @@ from __future__ import annotations
 from nats.aio.msg import Msg
 
 from sidecar import deadletter
-from sidecar.consumer import subject_matches
+from sidecar.binding import subject_matches
 
 
 def fetched(data: bytes, headers: dict[str, str] | None = None, seq: int = 42) -> Msg:
