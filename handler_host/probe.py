@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-DEFAULT_ADDRESS = "unix:///var/run/kre/handler.sock"
+from protos.contract import DEFAULT_HANDLER_ADDRESS as DEFAULT_ADDRESS
 
 
 def check(address: str, timeout: float) -> tuple[bool, str]:

@@ -28,12 +28,12 @@ from google.protobuf import any_pb2
 
 from handler_host.dispatch import EVENT_ROOM, Dispatcher, failure_of
 from protos import runner_pb2
+from protos.contract import BATCH_BYTES
 
 logger = logging.getLogger(__name__)
 
 # An EventBatch stops taking events at this size (the sidecar's DeliveryBatch limit too),
 # or below KRT_GRPC_MAX_MESSAGE_BYTES when that is smaller.
-BATCH_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,13 +25,13 @@ from handler_host.errors import BindError
 from handler_host.loader import UserCode
 from handler_host.logs import with_call_metadata
 from handler_host.metrics import ObservedDispatcher
-from handler_host.process import BATCH_BYTES, ProcessStream
+from handler_host.process import ProcessStream
 from handler_host.settings import HostSettings
 from protos import runner_pb2, runner_pb2_grpc
+from protos.contract import BATCH_BYTES, SERVICE_NAME
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = runner_pb2.DESCRIPTOR.services_by_name["HandlerHost"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
 USER_THREAD_PREFIX = "kre-handler"  # the threads that run sync user code
 

@@ -11,9 +11,9 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from handler_host.errors import SettingsError
+from protos.contract import DEFAULT_HANDLER_ADDRESS as DEFAULT_ADDRESS
+from protos.contract import DEFAULT_MAX_MESSAGE_BYTES
 
-DEFAULT_ADDRESS = "unix:///var/run/kre/handler.sock"
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_METRICS_PORT = 9090
 REQUIRED = ("KRT_BASE_PATH", "KRT_HANDLER_PATH")
 

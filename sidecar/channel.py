@@ -45,12 +45,12 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
 from protos import runner_pb2
+from protos.contract import BATCH_BYTES, SERVICE_NAME
 from sidecar.errors import HandlerUnavailable
 from sidecar.settings import handler_endpoint
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "kre.runner.v1.HandlerHost"
 MIN_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
 POLL_INTERVAL = 1.0
@@ -70,7 +70,6 @@ _BROKEN = (OSError, StreamTerminatedError, ProtocolError, h2.exceptions.H2Error)
 # A DeliveryBatch stops taking deliveries at this size (one bigger Delivery goes alone).
 # Small enough that batching adds no big buffers: 4 MiB gave case (c) of the benchmark
 # (100 KB messages) 30% more RSS in both processes and a lower rate than 1 MiB.
-BATCH_BYTES = 1024 * 1024
 # Tag bytes of length-delimited fields: DeliveryBatch.deliveries (1), Delivery.message (2).
 _DELIVERIES_TAG = b"\x0a"
 _MESSAGE_TAG = b"\x12"

@@ -14,9 +14,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from protos.contract import DEFAULT_HANDLER_ADDRESS, DEFAULT_MAX_MESSAGE_BYTES
 from sidecar.errors import SettingsError
 
-DEFAULT_HANDLER_ADDRESS = "unix:///var/run/kre/handler.sock"
 MIB = 1024 * 1024
 # Seconds the sidecar waits for a Result beyond what KRT_HANDLER_TIMEOUT allows the host.
 RESULT_TIMEOUT_MARGIN = 5.0
@@ -112,7 +112,7 @@ class SidecarSettings:
     http_port: int = 8080
     max_payload_bytes: int = MIB
     max_message_bytes: int = 64 * MIB
-    grpc_max_message_bytes: int = 64 * MIB
+    grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ack_wait: float = 30.0
     max_deliver: int = 5
     nak_delay: float = 1.0
@@ -153,7 +153,7 @@ class SidecarSettings:
             max_payload_bytes=reader.integer("KRT_MAX_PAYLOAD_BYTES", MIB, minimum=1),
             max_message_bytes=reader.integer("KRT_MAX_MESSAGE_BYTES", 64 * MIB, minimum=1),
             grpc_max_message_bytes=reader.integer(
-                "KRT_GRPC_MAX_MESSAGE_BYTES", 64 * MIB, minimum=1
+                "KRT_GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1
             ),
             ack_wait=reader.seconds("KRT_ACK_WAIT", 30.0, positive=True),
             max_deliver=reader.integer("KRT_MAX_DELIVER", 5, minimum=1),

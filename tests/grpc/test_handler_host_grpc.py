@@ -20,10 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from handler_host.context import Context, pack_any
 from handler_host.loader import load_user_code
 from handler_host.main import start_host
-from handler_host.server import SERVICE_NAME, HostServer, start_server
+from handler_host.server import HostServer, start_server
 from handler_host.settings import HostSettings
 from handler_host.testing import HandlerClient, serve_handler, serve_node
 from protos import kre_nats_msg_pb2, runner_pb2
+from protos.contract import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 _T = TypeVar("_T")

@@ -23,9 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from handler_host import logs, metrics
 from handler_host.context import pack_any
-from handler_host.server import SERVICE_NAME
 from handler_host.testing import HandlerFailed, HandlerNode, serve_node
 from protos import kre_nats_msg_pb2, runner_pb2, runner_pb2_grpc
+from protos.contract import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "kre-handler-host"
