@@ -18,8 +18,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, RetentionPolicy
 
-from sidecar.errors import ConsumerConflict, SubjectNotCaptured
-from sidecar.message import PUBLISH_ERRORS, describe
+from sidecar.errors import PUBLISH_ERRORS, ConsumerConflict, SubjectNotCaptured, describe
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)

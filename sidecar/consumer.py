@@ -25,9 +25,10 @@ from nats.js import JetStreamContext
 from sidecar import metrics
 from sidecar.binding import check_subjects, consumer_gone, ensure_consumer
 from sidecar.channel import HandlerChannel
-from sidecar.errors import ConsumerConflict, SubjectNotCaptured
-from sidecar.message import PUBLISH_ERRORS, InFlight, MessageProcessor, describe
+from sidecar.errors import PUBLISH_ERRORS, ConsumerConflict, SubjectNotCaptured, describe
+from sidecar.message import InFlight, MessageProcessor
 from sidecar.pubacks import PubAcks
+from sidecar.publisher import Publisher
 from sidecar.settings import SidecarSettings
 
 
@@ -36,7 +37,9 @@ class Pull(Protocol):
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]: ...
 
-    async def unsubscribe(self) -> None: ...
+    async def unsubscribe(self) -> list[Msg] | None:
+        """Stop; the messages received but never handed out, if it holds any."""
+        ...
 
 
 # Binds to a durable consumer (durable, stream); by default `js.pull_subscribe_bind`.
@@ -126,9 +129,8 @@ class Consumer:
         self._bind_pull = bind_pull or self._js_bind
         self._channel = channel
         self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes)
-        self._processor = MessageProcessor(
-            settings, js, channel, max_payload, on_decoded=self._decoded, pub_acks=pub_acks
-        )
+        publisher = Publisher(js, settings.nats_stream, settings.node_name, pub_acks)
+        self._processor = MessageProcessor(settings, channel, publisher, max_payload)
         self._max_payload = max_payload
         # What a message is expected to weigh, for sizing fetches under the byte budget:
         # the largest recent one (max_payload until the first arrives; see _count_size).
@@ -181,9 +183,13 @@ class Consumer:
             return
         log.warning("nak'ing %d messages still unfinished after the grace period", len(records))
         for record in records:
-            metrics.settled("abandoned").inc()
-            with contextlib.suppress(*PUBLISH_ERRORS):
-                await record.msg.nak()
+            await self._processor.abandon(record)
+
+    async def _let_go(self, sub: Pull) -> None:
+        """Unsubscribe; what it had fetched and never handed out goes back at once."""
+        with contextlib.suppress(*PUBLISH_ERRORS, ValueError):
+            for msg in await sub.unsubscribe() or ():
+                await self._processor.abandon(InFlight(msg))
 
     # The loop
 
@@ -207,8 +213,7 @@ class Consumer:
             # pull inbox's leftover status messages until its timeout.
             self.bound = False
             if self._sub is not None:
-                with contextlib.suppress(*PUBLISH_ERRORS, ValueError):
-                    await self._sub.unsubscribe()
+                await self._let_go(self._sub)
                 self._sub = None
 
     async def _consume(self, sub: Pull | None) -> None:
@@ -299,8 +304,7 @@ class Consumer:
         """
         self.bound = False
         if old is not None:
-            with contextlib.suppress(*PUBLISH_ERRORS, ValueError):
-                await old.unsubscribe()
+            await self._let_go(old)
             self._sub = None
         stream, durable = self.settings.nats_stream, self.settings.durable
         problem = ""
@@ -348,18 +352,20 @@ class Consumer:
         record = InFlight(msg, size=len(msg.data))
         self._count_size(record.size)
         self._window.add_bytes(record.size)
-        task = asyncio.create_task(self._processor.handle(record))
+        task = asyncio.create_task(self._handle(record))
         self._in_flight[task] = record
         metrics.IN_FLIGHT.inc()
         task.add_done_callback(self._finished)
 
-    def _decoded(self, record: InFlight, plain: int) -> None:
-        """A gzipped input takes its gunzipped size in memory: count that, and expect it."""
-        extra = plain - record.size
+    async def _handle(self, record: InFlight) -> None:
+        decoded = await self._processor.decode(record)
+        # A gzipped input takes its gunzipped size in memory: count that, and expect it.
+        extra = len(decoded.plain) - record.size
         if extra > 0:
             record.size += extra
             self._window.add_bytes(extra)
-            self._count_size(plain)
+            self._count_size(len(decoded.plain))
+        await self._processor.process(record, decoded)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         record = self._in_flight.pop(task, None)

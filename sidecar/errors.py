@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+
+import nats.errors
+
+# What a JetStream publish or API request raises when it did not get through: NATS is
+# down or slow, the stream refused it, the socket broke. Retrying later may work.
+PUBLISH_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a log line or /readyz status says it: its text, else its class."""
+    return str(exc) or type(exc).__name__
 
 
 class RunnerError(Exception):

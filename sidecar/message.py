@@ -1,10 +1,12 @@
 """One input message's life, from the fetched bytes to its single ending.
 
-decode -> Delivery -> handler host (early replies published on the way) -> ask
-`outcome.decide` -> publish and await the PubAck -> ack / nak / term. The consumer
-loop (`sidecar.consumer`) starts one `MessageProcessor.handle` task per message.
-A dead letter publishes the error envelope and the dead-letter message
-(`sidecar.deadletter`) and is terminated only when both have landed.
+The consumer (`sidecar.consumer`) owns each fetched message's record and the window;
+per message it calls `decode`, counts the decoded size, then `process`: the Delivery
+goes to the handler host (early replies published on the way), `outcome.decide` says
+what to do, the publisher publishes it and awaits the PubAck, then the input is acked,
+nak'ed or terminated. A dead letter publishes the dead-letter message
+(`sidecar.deadletter`) and the error envelope, and is terminated only when both have
+landed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,15 +26,20 @@ from typing import Any, TypeVar
 import nats.errors
 from google.protobuf import any_pb2, timestamp_pb2
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar import deadletter, envelope, logs, metrics
 from sidecar.channel import HandlerChannel
-from sidecar.errors import BadInputError, HandlerUnavailable, PayloadTooLargeError
+from sidecar.errors import (
+    PUBLISH_ERRORS,
+    BadInputError,
+    HandlerUnavailable,
+    PayloadTooLargeError,
+    describe,
+)
 from sidecar.outcome import (
+    Abandoned,
     Ack,
     Action,
     BadInput,
@@ -48,17 +55,16 @@ from sidecar.outcome import (
     PublishThenAck,
     Raised,
     Returned,
+    SettleFailed,
     Unavailable,
     UpstreamError,
     decide,
 )
-from sidecar.pubacks import PubAcks
+from sidecar.publisher import Publisher
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
 
-PUBLISH_TIMEOUT = 5.0
-PUBLISH_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
 # A Delivery's id and its framing, on top of the message itself, under the gRPC limit.
 DELIVERY_ROOM = 32
 # Above this many bytes, gzip and gunzip run in a worker thread, not on the event loop.
@@ -74,10 +80,11 @@ _ZLIB_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kre-zlib")
 class InFlight:
     """A fetched message; `settled` once its ack / nak / term has been decided and sent.
 
-    `size`: its bytes as fetched, counted by the window. `pinged_at`: when JetStream last
-    heard of it (fetched, or its last in-progress ack), on `time.monotonic()`; the
-    consumer's keep-alive task sends the in-progress acks. `seq` and `attempt`: its
-    stream sequence and delivery attempt, read once when its processing starts.
+    `size`: its bytes in the window (as fetched; a gzipped one at its gunzipped size once
+    decoded). `pinged_at`: when JetStream last heard of it (fetched, or its last
+    in-progress ack), on `time.monotonic()`; the consumer's keep-alive task sends the
+    in-progress acks. `seq` and `attempt`: its stream sequence and delivery attempt,
+    read once when it is decoded.
     """
 
     msg: Msg
@@ -88,25 +95,29 @@ class InFlight:
     attempt: int = 0
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A fetched message, read: its envelope and plain (gunzipped) bytes, or what is
+    wrong with it; `problem` set means the handler host is not called."""
+
+    request: KreNatsMessage | None
+    plain: bytes = b""
+    problem: Happened | None = None
+
+
 class MessageProcessor:
     """Runs messages through the handler host and settles each one exactly once."""
 
     def __init__(
         self,
         settings: SidecarSettings,
-        js: JetStreamContext,
         channel: HandlerChannel,
+        publisher: Publisher,
         max_payload: int | None = None,
-        on_decoded: Callable[[InFlight, int], None] | None = None,
-        pub_acks: PubAcks | None = None,
     ) -> None:
         self.settings = settings
-        # How outputs are published; without one (tests of other parts), `js.publish`.
-        self._pub_acks = pub_acks
-        # Told each input's decoded (gunzipped) size: the consumer's byte accounting.
-        self._on_decoded = on_decoded
-        self._js = js
         self._channel = channel
+        self._publisher = publisher
         self._max_payload = max_payload  # the NATS server's, headers included
         self._policy = Policy.from_settings(settings, max_payload)
 
@@ -114,51 +125,56 @@ class MessageProcessor:
     def policy(self) -> Policy:
         return self._policy
 
-    async def handle(self, record: InFlight) -> None:
+    async def decode(self, record: InFlight) -> Decoded:
+        """Read the record's message; never raises for a bad input (its problem says)."""
         msg = record.msg
         record.seq, record.attempt = position(msg)
         logs.bind(record.seq, record.attempt)
-        try:
-            facts, happened = await self._process(record)
-        except Exception as exc:
-            # A bug here must not strand the message: it still gets exactly one ending.
-            log.exception("unexpected error processing stream seq %d", record.seq)
-            facts, happened = Facts(None, record.attempt), Unavailable(f"sidecar error: {exc!r}")
-        try:
-            await self._settle(record, await self._decide(happened, facts), facts)
-        except Exception:
-            # Still one ending: a message we could not settle comes back, never strands.
-            log.exception("unexpected error settling stream seq %d", record.seq)
-            if not record.settled:
-                record.settled = True
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=self._policy.backoff(facts.attempt))
-
-    async def _decide(self, happened: Happened, facts: Facts) -> Action:
-        """`decide`, in a worker thread when it will gzip a big output (a pure function)."""
-        size = (
-            happened.payload.ByteSize()
-            if isinstance(happened, Returned) and happened.payload
-            else 0
-        )
-        return await _off_loop_if_big(size, decide, happened, facts, self._policy)
-
-    async def _process(self, record: InFlight) -> tuple[Facts, Happened]:
-        msg, attempt = record.msg, record.attempt
-        _count_input(msg.data, attempt)
+        _count_input(msg.data, record.attempt)
         try:
             request, plain = await _off_loop_if_big(
                 len(msg.data), envelope.decode, msg.data, self.settings.max_message_bytes
             )
         except BadInputError as exc:
-            return Facts(None, attempt), BadInput(exc.reason)
-        if self._on_decoded is not None:
-            self._on_decoded(record, len(plain))
+            return Decoded(None, problem=BadInput(exc.reason))
         logs.tag(tracking_id=request.tracking_id, traceparent=_header(msg, "traceparent"))
-        if attempt > self.settings.max_deliver:
-            return Facts(request, attempt), Exhausted()
+        if record.attempt > self.settings.max_deliver:
+            return Decoded(request, plain, Exhausted())
         if request.error:
-            return Facts(request, attempt), UpstreamError()
+            return Decoded(request, plain, UpstreamError())
+        return Decoded(request, plain)
+
+    async def process(self, record: InFlight, decoded: Decoded) -> None:
+        """Run a decoded message through the handler host and settle it, exactly once."""
+        facts = Facts(decoded.request, record.attempt)
+        try:
+            happened = decoded.problem
+            if happened is None:
+                facts, happened = await self._call_host(record, decoded)
+        except Exception as exc:
+            # A bug here must not strand the message: it still gets exactly one ending.
+            log.exception("unexpected error processing stream seq %d", record.seq)
+            happened = Unavailable(f"sidecar error: {exc!r}")
+        try:
+            await self._settle(record, happened, facts)
+        except Exception as exc:
+            # Still one ending: a message we could not settle comes back, never strands.
+            log.exception("unexpected error settling stream seq %d", record.seq)
+            if not record.settled:
+                with contextlib.suppress(Exception):
+                    await self._finish(
+                        record, decide(SettleFailed(describe(exc)), facts, self._policy), facts
+                    )
+
+    async def abandon(self, record: InFlight) -> None:
+        """End a message the sidecar will not finish: it stopped first."""
+        if not record.settled:
+            facts = Facts(None, record.attempt)
+            await self._finish(record, decide(Abandoned(), facts, self._policy), facts)
+
+    async def _call_host(self, record: InFlight, decoded: Decoded) -> tuple[Facts, Happened]:
+        msg, attempt, request = record.msg, record.attempt, decoded.request
+        assert request is not None
         # The envelope goes to the host as the bytes it came in (gunzipped), not re-encoded
         # from `request`; nothing here reads the request's payload again, so it is dropped
         # now rather than held in memory for as long as the handler runs.
@@ -169,17 +185,17 @@ class MessageProcessor:
         headers = _passed_on(msg.headers)
         if headers:  # an empty map given to the constructor costs more than the rest of it
             delivery.headers.update(headers)
-        size = delivery.ByteSize() + len(plain) + DELIVERY_ROOM
+        size = delivery.ByteSize() + len(decoded.plain) + DELIVERY_ROOM
         limit = self.settings.grpc_max_message_bytes
         if size > limit:
             # Sent anyway it would break the stream that every other message shares.
             reason = f"message is {size} bytes for the handler host, over the {limit} byte gRPC"
             return Facts(request, attempt), BadInput(f"{reason} limit (KRT_GRPC_MAX_MESSAGE_BYTES)")
-        replies = _EarlyReplies(self, record.seq, request)
+        replies = self._early_replies(record.seq, request)
         started = time.time_ns()  # for a Result without the host's own stamps
         clock = time.perf_counter()
         try:
-            result = await self._channel.call(delivery, replies.send, message=plain)
+            result = await self._channel.call(delivery, replies.send, message=decoded.plain)
         except HandlerUnavailable as exc:
             happened: Happened = Unavailable(exc.reason)
         else:
@@ -187,37 +203,55 @@ class MessageProcessor:
             happened = replies.failure or _from_result(result, started)
         return Facts(request, attempt, early_replied=replies.sent), happened
 
-    async def _settle(self, record: InFlight, action: Action, facts: Facts) -> None:
-        action = await self._publish_or_retry(record, action, facts)
+    def _early_replies(self, seq: int, request: KreNatsMessage) -> _EarlyReplies:
+        subject = self.settings.entrypoint_subject
+        msg_id = self._publisher.msg_id(seq) + ":early"
+        publish = functools.partial(self._publisher.publish, "early_reply", subject, msg_id=msg_id)
+        return _EarlyReplies(request, publish if subject else None, self._encode)
+
+    async def _settle(self, record: InFlight, happened: Happened, facts: Facts) -> None:
+        """Decide, carry the action out; when that fails, decide again, and carry that out.
+
+        It ends: a failed output becomes a nak or (at the last attempt) a dead letter, a
+        failed dead letter a nak, an output too large an error envelope (never checked
+        for size itself), and a nak publishes nothing.
+        """
+        action = decide(happened, facts, self._policy)
+        while True:
+            try:
+                await self._publish_for(record, action, facts)
+                break
+            except PayloadTooLargeError as exc:
+                action = decide(Raised(str(exc)), facts, self._policy)
+            except PUBLISH_ERRORS as exc:
+                reason = describe(exc)
+                log.warning("publish for stream seq %d failed: %s", record.seq, reason)
+                failed = (
+                    DeadLetterFailed if isinstance(action, DeadLetterAndTerm) else PublishFailed
+                )
+                action = decide(failed(reason), facts, self._policy)
         await self._finish(record, action, facts)
 
-    async def _publish_or_retry(self, record: InFlight, action: Action, facts: Facts) -> Action:
-        """Publish what `action` says; when that fails, the action to take instead."""
-        try:
-            await self._publish_for(record, action, facts)
-            return action
-        except PUBLISH_ERRORS as exc:
-            reason = describe(exc)
-            log.warning("publish for stream seq %d failed: %s", record.seq, reason)
-        if isinstance(action, DeadLetterAndTerm):
-            return decide(DeadLetterFailed(reason), facts, self._policy)
-        action = decide(PublishFailed(reason), facts, self._policy)
-        if isinstance(action, DeadLetterAndTerm):  # the last attempt: dead-letter it instead
-            return await self._publish_or_retry(record, action, facts)
-        return action
-
     async def _publish_for(self, record: InFlight, action: Action, facts: Facts) -> None:
+        msg_id = self._publisher.msg_id(record.seq)
         match action:
-            case PublishThenAck(subject=subject, data=data):
-                await self.publish(subject, data, self.msg_id(record.seq))
-                metrics.published("output").inc()
-            case PublishErrorThenAck(subject=subject, data=data):
-                await self.publish(subject, data, self.msg_id(record.seq))
-                metrics.published("error").inc()
+            case PublishThenAck(subject=subject, envelope=output):
+                await self._publisher.publish("output", subject, await self._encode(output), msg_id)
+            case PublishErrorThenAck(subject=subject, envelope=error, outcome="error_forwarded"):
+                await self._publisher.publish("error", subject, await self._encode(error), msg_id)
+            case PublishErrorThenAck(subject=subject, envelope=error):
+                await self._publisher.publish("error", subject, error.SerializeToString(), msg_id)
             case DeadLetterAndTerm():
-                await self._dead_letter(record, action, facts)
+                await self._dead_letter(record, action, facts.tracking_id, msg_id)
 
-    async def _dead_letter(self, record: InFlight, action: DeadLetterAndTerm, facts: Facts) -> None:
+    async def _encode(self, message: KreNatsMessage) -> bytes:
+        """Serialized, and gzipped over the limit (in a worker thread when big)."""
+        limits = (self.settings.max_payload_bytes, self._policy.publish_limit)
+        return await _off_loop_if_big(message.ByteSize(), envelope.encode, message, *limits)
+
+    async def _dead_letter(
+        self, record: InFlight, action: DeadLetterAndTerm, tracking_id: str, msg_id: str
+    ) -> None:
         # The dead letter first: while its subject cannot take it (a stream missing it is
         # the likely cause), nothing at all goes downstream, so a retry that outlasts the
         # duplicate window cannot repeat the error envelope.
@@ -226,15 +260,13 @@ class MessageProcessor:
             reason=action.reason,
             node=self.settings.node_name,
             stream=self.settings.nats_stream,
-            tracking_id=facts.tracking_id,
+            tracking_id=tracking_id,
             max_payload=self._max_payload,
         )
-        ack = await self._publish_acked(action.dlq_subject, letter.data, letter.headers)
-        if not ack.duplicate:
-            metrics.published("dead_letter").inc()
-        if action.data:
-            await self.publish(action.subject, action.data, self.msg_id(record.seq))
-            metrics.published("error").inc()
+        await self._publisher.dead_letter(action.dlq_subject, letter.data, letter.headers)
+        if action.envelope is not None:
+            error = action.envelope.SerializeToString()
+            await self._publisher.publish("error", action.subject, error, msg_id)
 
     async def _finish(self, record: InFlight, action: Action, facts: Facts) -> None:
         record.settled = True
@@ -254,6 +286,8 @@ class MessageProcessor:
                         error.error,
                     )
                     await msg.ack()
+                case Nak(outcome="abandoned"):  # the consumer logs how many, once
+                    await msg.nak()
                 case Nak(delay=delay, reason=reason):
                     log.warning(
                         "stream seq %d attempt %d retried in %.1fs: %s",
@@ -276,63 +310,34 @@ class MessageProcessor:
         except nats.errors.Error as exc:
             log.warning("could not settle stream seq %d (%s): it will be redelivered", seq, exc)
 
-    async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
-        """Publish through JetStream and wait for the PubAck (Nats-Msg-Id dedups retries)."""
-        clock = time.perf_counter()
-        ack = await self._publish_acked(subject, data, {"Nats-Msg-Id": msg_id})
-        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - clock)
-        metrics.BYTES_OUT.inc(len(data))
-        if envelope.is_compressed(data):
-            metrics.COMPRESSED.inc()
-        if ack.duplicate:
-            log.debug("publish %s was a duplicate: an earlier attempt had landed", msg_id)
-
-    async def _publish_acked(self, subject: str, data: bytes, headers: dict[str, str]) -> PubAck:
-        """One JetStream publish and its PubAck, for outputs and dead letters alike."""
-        if self._pub_acks is not None:
-            return await self._pub_acks.publish(subject, data, headers, PUBLISH_TIMEOUT)
-        return await self._js.publish(subject, data, timeout=PUBLISH_TIMEOUT, headers=headers)
-
-    def msg_id(self, seq: int) -> str:
-        """The Nats-Msg-Id of what this node publishes for stream sequence `seq`."""
-        return f"{self.settings.nats_stream}:{seq}:{self.settings.node_name}"
-
 
 @dataclass
 class _EarlyReplies:
-    """Publishes one message's early replies to the entrypoint; remembers what went wrong."""
+    """Publishes one message's early replies to the entrypoint; remembers what went wrong.
 
-    processor: MessageProcessor
-    seq: int  # the input's stream sequence, for the replies' Nats-Msg-Id
+    `publish(data)` is the one publish it needs (None: no entrypoint subject is set).
+    """
+
     request: KreNatsMessage
+    publish: Callable[[bytes], Awaitable[None]] | None
+    encode: Callable[[KreNatsMessage], Awaitable[bytes]]
     sent: bool = False
     failure: Happened | None = None
 
     async def send(self, payload: any_pb2.Any) -> None:
         if self.failure is not None:
             return
-        settings = self.processor.settings
-        if not settings.entrypoint_subject:
+        if self.publish is None:
             self.failure = Raised("early reply needs KRT_NATS_ENTRYPOINT_SUBJECT, which is not set")
             return
-        reply = envelope.build_early_reply(self.request, payload)
         try:
-            data = await _off_loop_if_big(  # a big one is gzipped in a worker thread
-                payload.ByteSize(),
-                envelope.encode,
-                reply,
-                settings.max_payload_bytes,
-                self.processor.policy.publish_limit,
-            )
-            msg_id = self.processor.msg_id(self.seq) + ":early"  # only when one is sent
-            await self.processor.publish(settings.entrypoint_subject, data, msg_id)
+            await self.publish(await self.encode(envelope.build_early_reply(self.request, payload)))
         except PayloadTooLargeError as exc:
             self.failure = Raised(f"early reply: {exc}")
         except PUBLISH_ERRORS as exc:
             self.failure = PublishFailed(f"early reply: {describe(exc)}")
         else:
             self.sent = True
-            metrics.published("early_reply").inc()
 
 
 def _from_result(result: runner_pb2.Result, started_ns: int) -> Happened:
@@ -397,7 +402,3 @@ def position(msg: Msg) -> tuple[int, int]:
             return int(tokens[7]), int(tokens[6])
     meta = msg.metadata  # not a JetStream message: nats-py's own error
     return meta.sequence.stream, meta.num_delivered
-
-
-def describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__

@@ -1,9 +1,11 @@
 """What happens to each input message: decided here, and only here.
 
-`decide(happened, facts, policy)` is a pure function from what happened to the
-message to exactly one Action. The consumer carries the action out (publish,
-await the PubAck, then ack / nak / term) and comes back here once more only when
-that publish fails. Every ending of every message is in this file:
+`decide(happened, facts, policy)` is a pure, cheap function from what happened to the
+message to exactly one Action; it builds envelopes but encodes and gzips nothing.
+`sidecar.message` carries the action out: it encodes what the action publishes,
+publishes it, awaits the PubAck, then acks / naks / terms. When that publish fails, or
+the output turns out too large once encoded, it asks `decide` again with what happened
+then, and carries out the new action instead. Every ending of every message is here:
 
 | what happened                          | action                                        |
 |----------------------------------------|-----------------------------------------------|
@@ -20,6 +22,8 @@ that publish fails. Every ending of every message is in this file:
 | input cannot be decoded or sent        | DeadLetterAndTerm, on the first attempt       |
 | delivered more than KRT_MAX_DELIVER    | DeadLetterAndTerm, the handler not called     |
 | the dead letter could not be published | Nak(backoff): never terminated unpublished    |
+| a bug in the sidecar while settling    | Nak(backoff)                                  |
+| unfinished when the sidecar stops      | Nak, at once                                  |
 
 A dead letter is: the original input bytes and the reason on the dead-letter subject
 (KRT_NATS_DLQ_SUBJECT), then the error envelope (unless KRE's last-node rule says
@@ -31,19 +35,19 @@ replies, and the output of a handler that called ctx.early_exit(), go there too.
 Backoff is `KRT_NAK_DELAY * 2**(attempt-1)`, capped at MAX_NAK_DELAY. The consumer has
 no `max_deliver` of its own (JetStream would drop a message nak'ed at the last attempt
 silently): the sidecar counts the attempts, and at the last one every retryable ending
-becomes a visible dead letter instead.
+becomes a visible dead letter instead. Each action's `outcome` is counted once, when the
+message is settled, in `kre_sidecar_messages_total{outcome}`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from google.protobuf import any_pb2
 
 from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar import envelope
-from sidecar.errors import PayloadTooLargeError
 from sidecar.settings import SidecarSettings
 
 MAX_NAK_DELAY = 60.0
@@ -114,6 +118,19 @@ class DeadLetterFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class SettleFailed:
+    """A bug in the sidecar while settling the message: it must still end, and come back."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """The sidecar stopped before the message ended: still running after the grace
+    period, or fetched and never started."""
+
+
 Happened = (
     Returned
     | UpstreamError
@@ -123,6 +140,8 @@ Happened = (
     | PublishFailed
     | Exhausted
     | DeadLetterFailed
+    | SettleFailed
+    | Abandoned
 )
 
 
@@ -177,7 +196,7 @@ class Policy:
             max_deliver=settings.max_deliver,
             nak_delay=settings.nak_delay,
             max_payload_bytes=settings.max_payload_bytes,
-            dlq_subject=settings.dlq_subject or f"{settings.nats_output}.dlq",
+            dlq_subject=settings.dlq_subject,
             publish_limit=limit,
             entrypoint_subject=settings.entrypoint_subject,
         )
@@ -193,7 +212,6 @@ class Policy:
 class PublishThenAck:
     subject: str
     envelope: KreNatsMessage
-    data: bytes
     outcome: str = "published"
 
 
@@ -207,8 +225,7 @@ class Ack:
 class PublishErrorThenAck:
     subject: str
     envelope: KreNatsMessage
-    data: bytes
-    outcome: str = "error_published"
+    outcome: str = "error_published"  # or error_forwarded: an earlier node's, as it is
 
 
 @dataclass(frozen=True)
@@ -220,12 +237,11 @@ class Nak:
 
 @dataclass(frozen=True)
 class DeadLetterAndTerm:
-    """Publish the error envelope (if any), the input to `dlq_subject`, then term."""
+    """Publish the input to `dlq_subject`, then the error envelope (if any), then term."""
 
     reason: str
     subject: str = ""
     envelope: KreNatsMessage | None = None  # None: no error envelope (last node, replied)
-    data: bytes = field(default=b"", repr=False)
     dlq_subject: str = ""
     outcome: str = "dead_lettered"
 
@@ -253,12 +269,26 @@ def decide(happened: Happened, facts: Facts, policy: Policy) -> Action:
             return _dead_letter(
                 f"gave up after {facts.attempt} deliveries ({limit})", facts, policy
             )
+        case DeadLetterFailed() | SettleFailed() | Abandoned():
+            return _give_back(happened, facts, policy)
+    raise TypeError(f"unknown happening: {happened!r}")
+
+
+def _give_back(
+    happened: DeadLetterFailed | SettleFailed | Abandoned, facts: Facts, policy: Policy
+) -> Nak:
+    """The endings that are not the message's fault: it comes back, nothing published."""
+    delay = policy.backoff(facts.attempt)
+    match happened:
         case DeadLetterFailed(reason=reason):
             # Never term a message whose dead letter did not land: it comes back and the
             # dead letter is tried again (Nats-Msg-Id drops whatever part had landed).
-            delay = policy.backoff(facts.attempt)
-            return Nak(delay, f"dead letter not published: {reason}", outcome="dead_letter_retried")
-    raise TypeError(f"unknown happening: {happened!r}")
+            return Nak(delay, f"dead letter not published: {reason}", "dead_letter_retried")
+        case SettleFailed(reason=reason):
+            return Nak(delay, f"sidecar error while settling: {reason}", "settle_failed")
+        case Abandoned():
+            # Another replica (or this one, restarted) takes it at once: nothing failed.
+            return Nak(0.0, "unfinished when the sidecar stopped", "abandoned")
 
 
 def _retry_reason(happened: Raised | Unavailable | PublishFailed) -> str:
@@ -292,11 +322,7 @@ def _output(returned: Returned, facts: Facts, policy: Policy) -> Action:
     )
     if facts.early_replied:
         output.replied = True
-    try:
-        data = envelope.encode(output, policy.max_payload_bytes, policy.publish_limit)
-    except PayloadTooLargeError as exc:
-        return _error(str(exc), facts, policy)
-    return PublishThenAck(subject, output, data)
+    return PublishThenAck(subject, output)
 
 
 def _forward_error(facts: Facts, policy: Policy) -> Action:
@@ -306,19 +332,13 @@ def _forward_error(facts: Facts, policy: Policy) -> Action:
     if _already_replied(facts, policy):
         return Ack("last node, already replied; not forwarding an error", "skipped_replied")
     assert facts.request is not None
-    error = facts.request
-    try:
-        data = envelope.encode(error, policy.max_payload_bytes, policy.publish_limit)
-    except PayloadTooLargeError as exc:
-        return _error(str(exc), facts, policy)
-    return PublishErrorThenAck(policy.error_subject, error, data, outcome="error_forwarded")
+    return PublishErrorThenAck(policy.error_subject, facts.request, outcome="error_forwarded")
 
 
 def _error(message: str, facts: Facts, policy: Policy) -> Action:
     if _already_replied(facts, policy):
         return Ack(f"last node, already replied; not publishing: {message}", "skipped_replied")
-    error = _error_envelope(message, facts, policy)
-    return PublishErrorThenAck(policy.error_subject, error, error.SerializeToString())
+    return PublishErrorThenAck(policy.error_subject, _error_envelope(message, facts, policy))
 
 
 def _retry(reason: str, facts: Facts, policy: Policy) -> Action:
@@ -328,13 +348,11 @@ def _retry(reason: str, facts: Facts, policy: Policy) -> Action:
 
 
 def _dead_letter(reason: str, facts: Facts, policy: Policy) -> DeadLetterAndTerm:
-    dlq = policy.dlq_subject or f"{policy.output_subject}.dlq"
+    dlq = policy.dlq_subject
     if _already_replied(facts, policy):
         return DeadLetterAndTerm(reason, dlq_subject=dlq)
     error = _error_envelope(reason, facts, policy)
-    return DeadLetterAndTerm(
-        reason, policy.error_subject, error, error.SerializeToString(), dlq_subject=dlq
-    )
+    return DeadLetterAndTerm(reason, policy.error_subject, error, dlq_subject=dlq)
 
 
 def _error_envelope(message: str, facts: Facts, policy: Policy) -> KreNatsMessage:

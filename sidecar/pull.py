@@ -15,20 +15,18 @@ callback:
 
 A fetch returns as soon as messages are there (all that came in together), up to the
 batch. Each request has its own reply subject (the inbox and a number), so a status is
-matched to its request; a late status from one that timed out on this side ends
-nothing. Messages are the consumer's whichever request they answer: one that comes
-after its fetch returned is handed out by the next fetch, and nak'ed if the puller is
-unsubscribed first. While NATS is disconnected no request is sent: nats-py would buffer
-them all and the server answer them all at the reconnect. A status other than 404, 408,
-409 or 100 (heartbeat) is raised as nats-py raises it (`APIError`, 503:
-`ServiceUnavailableError`).
+matched to its request; a late status from one that timed out on this side ends nothing.
+Messages are the consumer's whichever request they answer: one that comes after its
+fetch returned is handed out by the next fetch, or by `unsubscribe`. While NATS is
+disconnected no request is sent: nats-py would buffer them all and the server answer
+them all at the reconnect. A status other than 404, 408, 409 or 100 (heartbeat) is
+raised as nats-py raises it (`APIError`, 503: `ServiceUnavailableError`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import json
 
@@ -73,15 +71,14 @@ class Puller:
         puller._sub = await nc.subscribe(puller._prefix + "*", cb=puller._on_msg)
         return puller
 
-    async def unsubscribe(self) -> None:
-        """Stop taking answers; messages received but not handed out are nak'ed."""
+    async def unsubscribe(self) -> list[Msg]:
+        """Stop taking answers; the messages received but not handed out are returned,
+        for the caller to give back now rather than after their ack_wait."""
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.unsubscribe()
         held, self._msgs = self._msgs, collections.deque()
-        for msg in held:  # back to the stream now, not after their ack_wait
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak()
+        return list(held)
 
     @property
     def waiting(self) -> int:

@@ -162,14 +162,17 @@ async def test_at_max_ack_pending_no_request_stays_open_to_be_filled_later(
         await js.delete_stream(stream_name)
 
 
-async def test_messages_held_when_unsubscribing_go_back_at_once(nc: Client, stream: str) -> None:
+async def test_messages_held_when_unsubscribing_are_handed_back(nc: Client, stream: str) -> None:
     await publish(nc, stream, 3)
     puller = await Puller.bind(nc, stream, "d")
     await puller._ask({"batch": 3, "no_wait": True})  # answered after no fetch waits for it
     await eventually(lambda: puller.waiting >= 3)
     assert puller.waiting == 3
 
-    await puller.unsubscribe()
+    held = await puller.unsubscribe()  # handed to the caller, who gives them back now
+    assert [m.data for m in held] == [b"0", b"1", b"2"]
+    for msg in held:
+        await msg.nak()
 
     again = await Puller.bind(nc, stream, "d")
     msgs = await again.fetch(8, timeout=2.0)

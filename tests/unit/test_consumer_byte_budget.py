@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from sidecar.consumer import FETCH_MAX_BYTES, Consumer
-from sidecar.message import InFlight
+from sidecar.message import Decoded, InFlight
 from tests.unit.fake_jetstream import (
     FakeJs,
     FakeMsg,
@@ -34,7 +34,7 @@ class HeldConsumer:
             ReadyChannel(),  # type: ignore[arg-type]
             max_payload,
         )
-        self.consumer._processor.handle = self._handle  # type: ignore[method-assign]
+        self.consumer._handle = self._handle  # type: ignore[method-assign]
         self.release = asyncio.Event()
         self.handled: list[str] = []
         self.in_flight: list[str] = []
@@ -144,7 +144,7 @@ async def test_one_fetch_never_asks_for_more_than_fetch_max_bytes() -> None:
     assert consumer._batch(3) == 3
 
 
-def test_a_gunzipped_input_is_counted_and_expected_at_its_gunzipped_size() -> None:
+async def test_a_gunzipped_input_is_counted_and_expected_at_its_gunzipped_size() -> None:
     consumer = Consumer(
         SETTINGS,
         FakeJs(ServingSub([])),  # type: ignore[arg-type]
@@ -156,8 +156,19 @@ def test_a_gunzipped_input_is_counted_and_expected_at_its_gunzipped_size() -> No
     for _ in range(100):
         consumer._count_size(100)  # a run of small messages: fetches sized for those
 
-    consumer._decoded(record, 900)
+    processed: list[InFlight] = []
 
+    async def decode(record: InFlight) -> Decoded:
+        return Decoded(None, b"x" * 900)  # what 100 gzipped bytes came to
+
+    async def process(record: InFlight, decoded: Decoded) -> None:
+        processed.append(record)
+
+    consumer._processor.decode = decode  # type: ignore[method-assign]
+    consumer._processor.process = process  # type: ignore[method-assign]
+    await consumer._handle(record)
+
+    assert processed == [record]
     assert record.size == 900  # what the window gives back when the message ends
     assert consumer.bytes_in_flight == 900
     assert consumer._size_hint == 900  # the next fetch expects inputs that big

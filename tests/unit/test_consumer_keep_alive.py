@@ -58,7 +58,7 @@ async def test_long_messages_get_in_progress_acks_until_settled() -> None:
         record.settled = True
         handled.append(msg.name)
 
-    consumer._processor.handle = handle  # type: ignore[method-assign]
+    consumer._handle = handle  # type: ignore[method-assign]
     consumer.start()
     try:
         await eventually(lambda: len(slow.in_progress_at) >= 4, timeout=15)

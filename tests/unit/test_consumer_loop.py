@@ -89,3 +89,33 @@ async def test_a_consumer_deleted_under_the_loop_is_bound_again(
         assert js.binds == 2  # bound again (which creates the consumer) after the 503
     finally:
         await consumer.stop(0)
+
+
+async def test_messages_fetched_and_never_started_go_back_when_the_consumer_stops() -> None:
+    from sidecar import metrics
+
+    left: list[str] = []
+
+    class Held:
+        """A message the puller had received and no fetch had handed out."""
+
+        reply = "$JS.ACK.wf.node-a.1.7.7.1700000000000000000.0"
+        data = b""
+
+        async def nak(self, delay: float | None = None) -> None:
+            left.append("nak")
+
+    class HoldingSub(FakeSub):
+        async def unsubscribe(self) -> list[Any]:
+            return [Held()]
+
+    sub = HoldingSub([])
+    consumer = Consumer(SETTINGS, FakeJs(sub), ReadyChannel())  # type: ignore[arg-type]
+    abandoned = metrics.settled("abandoned").value
+    consumer.start()
+    await eventually(lambda: sub.fetches >= 1)
+
+    await consumer.stop(0)
+
+    assert left == ["nak"]  # back to the stream at once, not after its ack_wait
+    assert metrics.settled("abandoned").value == abandoned + 1

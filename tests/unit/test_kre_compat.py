@@ -106,7 +106,7 @@ def test_output_envelope_bytes_are_kres() -> None:
 
     assert isinstance(action, PublishThenAck)
     assert action.subject == "runtime1-greeter-v1-Greet.nodeC"
-    assert action.data == (
+    assert action.envelope.SerializeToString() == (
         _text(1, "7b1c")
         + ENTRYPOINT_TRACKING
         + NODE_A_TRACKING
@@ -123,7 +123,7 @@ def test_early_exit_envelope_bytes_are_a_plain_output_sent_to_the_entrypoint() -
     assert isinstance(action, PublishThenAck)
     assert action.subject == "runtime1-greeter-v1-Greet.entrypoint"
     # kre-py builds the output afresh, so field 7 is not on the wire.
-    assert action.data == (
+    assert action.envelope.SerializeToString() == (
         _text(1, "7b1c")
         + ENTRYPOINT_TRACKING
         + NODE_A_TRACKING
@@ -156,7 +156,7 @@ def test_error_envelope_bytes_go_to_the_entrypoint_and_not_downstream() -> None:
 
     assert isinstance(action, PublishErrorThenAck)
     assert action.subject == "runtime1-greeter-v1-Greet.entrypoint"
-    assert action.data == (
+    assert action.envelope.SerializeToString() == (
         _text(1, "7b1c")
         + ENTRYPOINT_TRACKING
         + NODE_A_TRACKING
@@ -173,7 +173,7 @@ def test_an_upstream_error_envelope_is_forwarded_unchanged_to_the_entrypoint() -
 
     assert isinstance(action, PublishErrorThenAck)
     assert action.subject == "runtime1-greeter-v1-Greet.entrypoint"
-    assert action.data == _text(5, "error in 'nodeA': boom")
+    assert action.envelope.SerializeToString() == _text(5, "error in 'nodeA': boom")
 
 
 def test_tracking_times_are_written_as_kre_writes_them() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import os
 from datetime import UTC, datetime
 
 import pytest
@@ -37,6 +35,7 @@ POLICY = Policy(
     node_name="node-b",
     output_subject="out",
     error_subject="err",
+    dlq_subject="out.dlq",
     max_deliver=5,
     nak_delay=1.0,
 )
@@ -44,6 +43,7 @@ LAST = Policy(
     node_name="node-z",
     output_subject="entry",
     error_subject="entry",
+    dlq_subject="entry.dlq",
     is_last_node=True,
     max_deliver=5,
     nak_delay=1.0,
@@ -76,7 +76,6 @@ def test_returned_message_is_published_then_acked() -> None:
     assert action.subject == "out"
     assert action.envelope.tracking_id == "t-1"
     assert [t.node_name for t in action.envelope.tracking] == ["node-a", "node-b"]
-    assert KreNatsMessage.FromString(action.data) == action.envelope
     assert action.outcome == "published"
 
 
@@ -124,18 +123,27 @@ def test_early_exit_at_the_last_node_of_a_replied_message_publishes_nothing() ->
     assert isinstance(action, Ack) and action.outcome == "skipped_replied"
 
 
-def test_large_output_is_gzipped() -> None:
+def test_decide_encodes_nothing_even_for_a_large_output(monkeypatch) -> None:
+    # Encoding and gzip happen after decide, off the event loop when big.
+    from sidecar import envelope
+
+    def refuse(*args: object) -> bytes:
+        raise AssertionError("decide encoded an envelope")
+
+    monkeypatch.setattr(envelope, "encode", refuse)
     action = decide(returned("x" * 2_000_000), facts(), POLICY)
     assert isinstance(action, PublishThenAck)
-    assert action.data[:2] == b"\x1f\x8b"
-    assert KreNatsMessage.FromString(gzip.decompress(action.data)) == action.envelope
+    assert action.envelope.payload.ByteSize() > 2_000_000
 
 
-def test_output_too_large_even_gzipped_becomes_an_error_envelope() -> None:
-    policy = Policy("node-b", "out", "err", max_payload_bytes=1024)
-    action = decide(returned(os.urandom(8192).hex()), facts(), policy)
+def test_an_output_too_large_once_encoded_is_decided_again_as_an_error() -> None:
+    # What the message path asks when encoding refuses the output (PayloadTooLargeError).
+    action = decide(Raised("output envelope is 9 bytes, 8 after gzip, over the 4"), facts(), POLICY)
     assert isinstance(action, PublishErrorThenAck)
-    assert "over the 1024 byte limit" in action.envelope.error
+    assert (
+        action.envelope.error
+        == "error in 'node-b': output envelope is 9 bytes, 8 after gzip, over the 4"
+    )
 
 
 def test_handler_raised_publishes_an_error_envelope_then_acks() -> None:
@@ -144,7 +152,6 @@ def test_handler_raised_publishes_an_error_envelope_then_acks() -> None:
     assert action.subject == "err"
     assert action.envelope.error == "error in 'node-b': boom"
     assert action.envelope.tracking_id == "t-1"
-    assert KreNatsMessage.FromString(action.data) == action.envelope
 
 
 def test_very_long_error_messages_are_cut() -> None:
@@ -180,7 +187,6 @@ def test_retryable_error_at_max_deliver_is_dead_lettered(attempt: int) -> None:
     assert action.envelope.tracking_id == "t-1"
     assert action.envelope.error.startswith("error in 'node-b': gave up after")
     assert "busy" in action.envelope.error
-    assert KreNatsMessage.FromString(action.data) == action.envelope
 
 
 def test_handler_host_unavailable_naks() -> None:
@@ -238,7 +244,7 @@ def test_last_node_publishes_an_error_nothing_for_an_already_replied_message() -
 def test_last_node_dead_letter_of_a_replied_message_only_terms() -> None:
     action = decide(Unavailable("down"), facts(attempt=5, replied=True), LAST)
     assert isinstance(action, DeadLetterAndTerm)
-    assert action.envelope is None and action.data == b""
+    assert action.envelope is None
 
 
 def test_last_node_publishes_when_not_replied() -> None:
@@ -261,6 +267,7 @@ def test_policy_from_settings_sends_errors_to_the_entrypoint() -> None:
         nats_inputs=("i",),
         nats_stream="S",
         nats_output="out",
+        dlq_subject="out.dlq",
         entrypoint_subject="entry",
         is_last_node=True,
         max_deliver=3,
@@ -299,18 +306,10 @@ def test_policy_from_settings_keeps_room_under_the_server_max_payload() -> None:
     assert Policy.from_settings(settings, 8 * 1024 * 1024).publish_limit == 1024 * 1024
 
 
-def test_output_over_the_publish_limit_is_an_error_envelope_with_the_sizes() -> None:
-    policy = Policy("node-b", "out", "err", max_payload_bytes=1024, publish_limit=512)
-    action = decide(returned(os.urandom(4096).hex()), facts(), policy)
-    assert isinstance(action, PublishErrorThenAck)
-    assert "bytes after gzip, over the 512 byte limit" in action.envelope.error
-    assert "output envelope is 8" in action.envelope.error  # the size before gzip, too
-
-
 def test_dead_letters_name_the_dead_letter_subject() -> None:
     action = decide(BadInput("empty"), Facts(None, 1), POLICY)
     assert isinstance(action, DeadLetterAndTerm)
-    assert action.dlq_subject == "out.dlq"  # the default: <output>.dlq
+    assert action.dlq_subject == "out.dlq"
     policy = Policy("n", "out", "err", dlq_subject="dlq.n")
     action = decide(Raised("busy", retryable=True), facts(attempt=5), policy)
     assert isinstance(action, DeadLetterAndTerm) and action.dlq_subject == "dlq.n"
@@ -347,7 +346,7 @@ def test_an_earlier_nodes_error_travels_on_as_it_is() -> None:
     action = decide(UpstreamError(), Facts(upstream, 1), POLICY)
     assert isinstance(action, PublishErrorThenAck)
     assert action.subject == "err" and action.outcome == "error_forwarded"
-    assert KreNatsMessage.FromString(action.data) == upstream  # untouched, no tracking added
+    assert action.envelope == upstream  # untouched, no tracking added
 
 
 def test_the_last_node_does_not_forward_an_error_for_a_replied_message() -> None:
