@@ -107,14 +107,14 @@ class Sidecar:
         )
         pub_acks = PubAcks(self.nc)
         await pub_acks.start()
-        nc = self.nc
+        nc, prefix = self.nc, self.settings.js_api_prefix
         self.consumer = Consumer(
             self.settings,
-            nc.jetstream(),
+            nc.jetstream(prefix=prefix),
             self.channel,
             nc.max_payload,
             pub_acks,
-            bind_pull=lambda durable, stream: Puller.bind(nc, stream, durable),
+            bind_pull=lambda durable, stream: Puller.bind(nc, stream, durable, prefix),
         )
         self.consumer.start()
 

@@ -1,12 +1,14 @@
 """JetStream publishes and their PubAcks: one reply subscription, a future and a timer each.
 
-`js.publish` is a request per message: an inbox token, a future and an `asyncio.wait_for`
-(a waiter future and a task switch). `js.publish_async` avoids the `wait_for`, but in
-nats-py 2.16 it takes a slot of a 4,000-slot semaphore and registers its future before it
-publishes, and keeps both when the publish raises (a closed connection, a full reconnect
-buffer): enough outages and every publish waits for a slot forever. `PubAcks` does what
-both do with neither cost: one wildcard subscription for every reply, and per publish a
-future and a `call_later` timer that are removed in `finally`, whatever happens.
+Works around nats-py 2.16. `js.publish` is a request per message: an inbox token, a
+future and an `asyncio.wait_for` (a waiter future and a task switch). `js.publish_async`
+avoids the `wait_for`, but takes a slot of a 4,000-slot semaphore and registers its
+future before it publishes, and keeps both when the publish raises (a closed
+connection, a full reconnect buffer): enough outages and every publish waits for a slot
+forever (tests/integration/test_nats_py_workarounds.py fails once that is fixed).
+`PubAcks` does what both do with neither cost: one wildcard subscription for every
+reply, and per publish a future and a `call_later` timer that are removed in `finally`,
+whatever happens.
 """
 
 from __future__ import annotations

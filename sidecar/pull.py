@@ -1,11 +1,12 @@
 """Pull requests to a durable consumer, answered into one subscription.
 
-nats-py 2.16's `PullSubscription.fetch` waits for each message of a batch with
-`next_msg`: a uuid, a task and an `asyncio.wait_for` per message. Replacing it took
-about a fifth off the sidecar's CPU per message when messages come in bursts
-(docs/performance.md, finding 13). `Puller.fetch` asks JetStream the same
-things (`$JS.API.CONSUMER.MSG.NEXT`) and collects the answers from one subscription's
-callback:
+Works around nats-py 2.16, whose `PullSubscription.fetch` waits for each message of a
+batch with `next_msg`: a uuid, a task and an `asyncio.wait_for` per message, a cost
+that shows in the sidecar's CPU when messages come in bursts (docs/performance.md,
+"Fetching"); tests/integration/test_nats_py_workarounds.py fails once nats-py stops
+doing so. `Puller.fetch` asks JetStream the same things (`<API prefix>.CONSUMER.MSG.NEXT`,
+with the prefix of a JetStream domain when one is set) and collects the answers from
+one subscription's callback:
 
 - first a `no_wait` request for the whole batch, expiring after 50 ms: the server sends
   what it has at once;
@@ -37,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import Header, StatusCode
 
+DEFAULT_API_PREFIX = "$JS.API"
 # Statuses that end a pull request without an error: no messages, the request expired,
 # a conflict (leadership change, too many waiting requests), as nats-py's fetch treats them.
 _ENDS = frozenset({StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT, StatusCode.CONFLICT})
@@ -52,9 +54,11 @@ _PROBE_EXPIRES_NS = 50_000_000
 class Puller:
     """`fetch(batch, timeout)` and `unsubscribe()`, as a nats-py pull subscription has."""
 
-    def __init__(self, nc: Client, stream: str, durable: str) -> None:
+    def __init__(
+        self, nc: Client, stream: str, durable: str, api_prefix: str = DEFAULT_API_PREFIX
+    ) -> None:
         self._nc = nc
-        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._prefix = ""
         self._sub: Subscription | None = None
         self._numbers = itertools.count(1)
@@ -65,8 +69,10 @@ class Puller:
         self._wake: asyncio.Future[None] | None = None
 
     @classmethod
-    async def bind(cls, nc: Client, stream: str, durable: str) -> Puller:
-        puller = cls(nc, stream, durable)
+    async def bind(
+        cls, nc: Client, stream: str, durable: str, api_prefix: str = DEFAULT_API_PREFIX
+    ) -> Puller:
+        puller = cls(nc, stream, durable, api_prefix)
         puller._prefix = nc.new_inbox() + "."
         puller._sub = await nc.subscribe(puller._prefix + "*", cb=puller._on_msg)
         return puller

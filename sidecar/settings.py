@@ -105,6 +105,7 @@ class SidecarSettings:
     entrypoint_subject: str = ""
     is_last_node: bool = False
     durable: str = ""
+    js_api_prefix: str = "$JS.API"  # KRT_NATS_JS_DOMAIN or KRT_NATS_JS_API_PREFIX
     handler_address: str = DEFAULT_HANDLER_ADDRESS
     max_in_flight: int = 64
     max_in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES
@@ -143,6 +144,7 @@ class SidecarSettings:
             entrypoint_subject=entrypoint,
             is_last_node=reader.boolean("KRT_IS_LAST_NODE", False),
             durable=reader.text("KRT_NATS_DURABLE") or sanitize_durable(node_name),
+            js_api_prefix=reader.js_api_prefix(),
             handler_address=reader.address("KRT_HANDLER_ADDRESS"),
             max_in_flight=reader.integer("KRT_MAX_IN_FLIGHT", 64, minimum=1),
             max_in_flight_bytes=reader.integer(
@@ -187,7 +189,7 @@ class SidecarSettings:
             f"inputs={','.join(self.nats_inputs)} output={self.nats_output} "
             f"dlq={self.dlq_subject} "
             f"entrypoint={self.entrypoint_subject or '-'} last_node={self.is_last_node} "
-            f"durable={self.durable} handler={self.handler_address} "
+            f"durable={self.durable} js_api={self.js_api_prefix} handler={self.handler_address} "
             f"max_in_flight={self.max_in_flight} "
             f"max_in_flight_bytes={self.max_in_flight_bytes} ack_wait={self.ack_wait:g}s "
             f"max_deliver={self.max_deliver} nak_delay={self.nak_delay:g}s "
@@ -254,6 +256,21 @@ class _EnvReader:
                 "KRT_NATS_OUTPUT is empty and KRT_NATS_ENTRYPOINT_SUBJECT is not set"
             )
         return output
+
+    def js_api_prefix(self) -> str:
+        # A leaf node or hub reaches another account's JetStream through a domain (nats-py's
+        # `domain`: `$JS.<domain>.API`) or an imported API prefix (`prefix`).
+        domain = self.text("KRT_NATS_JS_DOMAIN")
+        prefix = self.text("KRT_NATS_JS_API_PREFIX").rstrip(".")
+        if domain and prefix:
+            self.problems.append("set KRT_NATS_JS_DOMAIN or KRT_NATS_JS_API_PREFIX, not both")
+        if domain and not re.fullmatch(r"[A-Za-z0-9_-]+", domain):
+            self.problems.append(f"KRT_NATS_JS_DOMAIN must be one subject token, got {domain!r}")
+        if prefix and any(c in prefix for c in " *>"):
+            self.problems.append(f"KRT_NATS_JS_API_PREFIX must be a plain subject, got {prefix!r}")
+        if domain:
+            return f"$JS.{domain}.API"
+        return prefix or "$JS.API"
 
     def address(self, name: str) -> str:
         address = self.text(name) or DEFAULT_HANDLER_ADDRESS

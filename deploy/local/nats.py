@@ -22,7 +22,12 @@ class NatsServer:
     so streams, consumers and their messages survive it.
     """
 
-    def __init__(self, store_dir: Path | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path | None = None,
+        log_path: Path | None = None,
+        js_domain: str = "",
+    ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="kre-nats-")
         base = Path(self._tmp.name)
         self.store_dir = store_dir or base / "store"
@@ -30,6 +35,10 @@ class NatsServer:
         self._ports_dir = base / "ports"
         self._ports_dir.mkdir()
         self.port = -1  # nats-server picks a free one on first start
+        self._config: Path | None = None
+        if js_domain:  # only a config file can name a JetStream domain
+            self._config = base / "nats-server.conf"
+            self._config.write_text(f"jetstream {{ domain: {json.dumps(js_domain)} }}\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,6 +58,8 @@ class NatsServer:
             "--ports_file_dir",
             str(self._ports_dir),
         ]
+        if self._config is not None:
+            cmd += ["-c", str(self._config)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         if self.port == -1:

@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from deploy.local.nats import NatsServer
 from sidecar.message import position
 from sidecar.pull import Puller
 from tests.unit.fake_jetstream import eventually
@@ -178,3 +179,26 @@ async def test_messages_held_when_unsubscribing_are_handed_back(nc: Client, stre
     msgs = await again.fetch(8, timeout=2.0)
     assert [(m.data, position(m)[1]) for m in msgs] == [(b"0", 2), (b"1", 2), (b"2", 2)]
     await again.unsubscribe()
+
+
+async def test_pull_requests_go_to_the_api_of_a_jetstream_domain() -> None:
+    with NatsServer(js_domain="hub") as server:
+        client = await nats.connect(server.url)
+        try:
+            js = client.jetstream(domain="hub")
+            await js.add_stream(name="dom", subjects=["dom.>"])
+            await js.add_consumer("dom", ConsumerConfig(durable_name="d"))
+            await js.publish("dom.in", b"0")
+            puller = await Puller.bind(client, "dom", "d", api_prefix="$JS.hub.API")
+            elsewhere = await Puller.bind(client, "dom", "d", api_prefix="$JS.other.API")
+
+            # A message is waiting, but nobody answers another domain's API.
+            with pytest.raises(nats.errors.Error):
+                await elsewhere.fetch(4, timeout=1.0)
+            msgs = await puller.fetch(4, timeout=2.0)
+
+            assert [m.data for m in msgs] == [b"0"]
+            await puller.unsubscribe()
+            await elsewhere.unsubscribe()
+        finally:
+            await client.close()

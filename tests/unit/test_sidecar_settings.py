@@ -298,3 +298,14 @@ def test_a_handler_address_of_no_known_form_is_refused(address: str) -> None:
     [problem] = info.value.problems
     assert problem.startswith(f"KRT_HANDLER_ADDRESS={address!r}: ")
     assert any(word in problem for word in ("unix://", "empty", "dns:///", "wants an IPV"))
+
+
+def test_jetstream_domain_or_api_prefix() -> None:
+    assert settings().js_api_prefix == "$JS.API"
+    assert settings(KRT_NATS_JS_DOMAIN="hub").js_api_prefix == "$JS.hub.API"
+    assert settings(KRT_NATS_JS_API_PREFIX="$JS.acc.API.").js_api_prefix == "$JS.acc.API"
+    with pytest.raises(SettingsError) as raised:
+        settings(KRT_NATS_JS_DOMAIN="a.b", KRT_NATS_JS_API_PREFIX="$JS.x.API")
+    problems = raised.value.problems
+    assert any("not both" in p for p in problems)
+    assert any("KRT_NATS_JS_DOMAIN must be one subject token" in p for p in problems)
