@@ -11,6 +11,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
 from sidecar import metrics
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,9 @@ class HealthServer:
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
         if target == "/metrics":
-            return "200 OK", metrics.CONTENT_TYPE, metrics.exposition()
+            # generate_latest writes text format 0.0.4, the label prometheus_client's own
+            # server gives it (its CONTENT_TYPE_LATEST names 1.0.0).
+            return "200 OK", CONTENT_TYPE_PLAIN_0_0_4, generate_latest(metrics.REGISTRY)
         probes = {"/healthz": self._alive, "/readyz": self._ready}
         probe = probes.get(target)
         if probe is None:

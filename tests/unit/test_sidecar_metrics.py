@@ -1,7 +1,8 @@
 """The sidecar's /metrics: what the message path counts is what Prometheus reads.
 
-The exposition is the sidecar's own; these tests read it with prometheus_client's text
-parser, as a Prometheus server would.
+The message path keeps plain numbers; a collector in the sidecar's own registry turns
+them into metric families. These tests read what the /metrics route serves with
+prometheus_client's text parser, as a Prometheus server would.
 """
 
 from __future__ import annotations
@@ -10,18 +11,33 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import metrics
+from sidecar.http import HealthServer
+
+Key = tuple[str, frozenset[tuple[str, str]]]
 
 
-def samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = metrics.exposition().decode()
+def get_metrics() -> tuple[str, str, bytes]:
+    """The /metrics route's (status, content type, body), as the HTTP server answers it."""
+    server = HealthServer("127.0.0.1", 0, alive=lambda: (True, ""), ready=lambda: (True, ""))
+    return server._route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+def scrape() -> str:
+    return get_metrics()[2].decode()
+
+
+def samples() -> dict[Key, float]:
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(scrape())
         for sample in family.samples
     }
 
@@ -30,8 +46,12 @@ def value(name: str, **labels: str) -> float:
     return samples().get((name, frozenset(labels.items())), 0.0)
 
 
-def generate_latest() -> bytes:
-    return metrics.exposition()
+def test_the_route_serves_the_sidecar_registry_as_text_0_0_4() -> None:
+    status, content_type, body = get_metrics()
+    assert status == "200 OK"
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert body.startswith(b"# HELP kre_sidecar_messages_total ")
+    assert b"_created" not in body
 
 
 def test_counts_by_label_show_as_prometheus_counters() -> None:
@@ -79,7 +99,7 @@ def test_a_timing_lands_in_every_bucket_from_its_own_up(seconds: float, first_bu
 
 
 def _bucket_labels(name: str) -> list[str]:
-    text = generate_latest().decode()
+    text = scrape()
     prefix = f'{name}_bucket{{le="'
     return [
         line[len(prefix) :].split('"', 1)[0]
@@ -89,7 +109,7 @@ def _bucket_labels(name: str) -> list[str]:
 
 
 def test_the_exposition_names_every_documented_family() -> None:
-    text = generate_latest().decode()
+    text = scrape()
     for family, kind in (
         ("kre_sidecar_messages_total", "counter"),
         ("kre_sidecar_in_flight", "gauge"),
@@ -103,8 +123,52 @@ def test_the_exposition_names_every_documented_family() -> None:
         assert f"# TYPE {family} {kind}\n" in text, family
 
 
+Number = metrics.Count | metrics.Timing | metrics._Labelled
+NUMBERS = sorted(
+    (name, number) for name, number in vars(metrics).items() if isinstance(number, Number)
+)
+
+
+def test_the_module_keeps_the_numbers_the_message_path_updates() -> None:
+    names = {name for name, _ in NUMBERS}
+    assert {"MESSAGES", "IN_FLIGHT", "HANDLER_SECONDS", "REDELIVERIES", "BYTES_IN"} <= names
+
+
+@pytest.mark.parametrize(("name", "number"), NUMBERS, ids=[name for name, _ in NUMBERS])
+def test_every_number_the_message_path_keeps_is_collected(name: str, number: Number) -> None:
+    before = _sidecar_samples()
+    undo = _update(number)
+    try:
+        after = _sidecar_samples()
+    finally:
+        undo()
+    changed = {key for key, seen in after.items() if before.get(key) != seen}
+    assert changed, f"metrics.{name} is updated by the message path but not collected"
+
+
+def _sidecar_samples() -> dict[Key, float]:
+    return {key: seen for key, seen in samples().items() if key[0].startswith("kre_sidecar_")}
+
+
+def _update(number: Number) -> Callable[[], object]:
+    """Update `number` as the message path would; return what takes the update back."""
+    if isinstance(number, metrics._Labelled):
+        number.labels("collect-probe").inc()
+        return lambda: number.children.pop("collect-probe")
+    if isinstance(number, metrics.Count):
+        number.inc()
+        return number.dec
+    counts, total = list(number.counts), number.total
+    number.observe(0.01)
+
+    def restore() -> None:
+        number.counts[:], number.total = counts, total
+
+    return restore
+
+
 def test_every_family_parses_and_says_its_type() -> None:
-    text = metrics.exposition().decode()
+    text = scrape()
     assert text.endswith("\n")
     families = {family.name: family.type for family in text_string_to_metric_families(text)}
     assert families["kre_sidecar_messages"] == "counter"
@@ -123,10 +187,20 @@ def test_label_values_are_escaped(odd: str) -> None:
         del metrics.PUBLISHED.children[odd]
 
 
+class _One:
+    def __init__(self, family: metrics._Labelled) -> None:
+        self.family = family
+
+    def collect(self) -> list[Metric]:
+        return [self.family.family()]
+
+
 def test_help_text_is_escaped() -> None:
     family = metrics._Labelled("kre_test_escapes", "a back\\slash\nand a second line", "l")
     family.labels("x").inc()
-    [parsed] = text_string_to_metric_families("\n".join(family.lines()) + "\n")
+    registry = CollectorRegistry()
+    registry.register(_One(family))
+    [parsed] = text_string_to_metric_families(generate_latest(registry).decode())
     assert parsed.documentation == "a back\\slash\nand a second line"
     assert parsed.samples[0].value == 1
 
