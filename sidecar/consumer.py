@@ -56,7 +56,8 @@ FETCH_ERROR_PAUSE = 1.0
 # the server must never have to push a burst the sidecar cannot read in time (it would
 # cut the connection as a slow consumer, past its max_pending: 64 MB by default, twice
 # this). The window still bounds what is in flight. With the default 1 MiB max_payload
-# a fetch asks for up to 32 messages: 16 gave case (a) of the benchmark 10-20% less.
+# a fetch asks for up to 32 messages; fewer slows small messages down (docs/performance.md,
+# "Fetch sizes under the byte budget").
 FETCH_MAX_BYTES = 32 * 1024 * 1024
 # An in-progress ack is due once a message has been silent for ack_wait / 3.
 KEEP_ALIVE_FRACTION = 3

@@ -18,9 +18,9 @@ from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar.errors import BadInputError, PayloadTooLargeError
 
 GZIP_MAGIC = b"\x1f\x8b"
-# Speed over ratio: level 1 gzips a 2 MB text-like envelope in half the time of gzip's
-# default 6, about 10% larger; any level reads back the same. Only an output that level 1
-# leaves over the limit pays for the best level, as a last try before it is refused.
+# Speed over ratio: level 1 is much faster than gzip's default and a little larger, and any
+# level reads back the same (docs/performance.md, "gzip and gunzip of big messages"). Only
+# an output that level 1 leaves over the limit pays for the best level, a last try.
 _COMPRESS_LEVEL = 1
 _RETRY_LEVEL = 9
 
@@ -128,7 +128,7 @@ def build_output(
     (`MessageProcessor._process`).
     """
     output = KreNatsMessage()
-    output.CopyFrom(request)  # one copy: half the time of copying the fields one by one
+    output.CopyFrom(request)  # one copy: cheaper than copying the fields one by one
     if output.error:
         output.ClearField("error")
     if output.early_exit:  # KRE's runners build each output afresh: the flag is not passed on

@@ -352,7 +352,7 @@ def _from_result(result: runner_pb2.Result, started_ns: int) -> Happened:
 
 
 def _when(stamp: timestamp_pb2.Timestamp) -> datetime | None:
-    """The host's stamp; None when unset. (`ToDatetime` takes half as long again.)"""
+    """The host's stamp; None when unset. (Cheaper than `ToDatetime`.)"""
     if stamp.seconds == 0 and stamp.nanos == 0:
         return None
     return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
@@ -366,7 +366,7 @@ def _passed_on(headers: dict[str, str] | None) -> dict[str, str]:
 async def _off_loop_if_big(size: int, fn: Callable[..., _T], *args: Any) -> _T:
     """Run `fn` in a worker thread when `size` means seconds of (de)compression.
 
-    zlib releases the GIL, so a 2 MB gzip no longer stalls every other message's
+    zlib releases the GIL, so a 2 MB gzip does not stall every other message's
     acks, publishes and in-progress pings on the event loop.
     """
     if size < OFF_LOOP_BYTES:
@@ -392,7 +392,7 @@ def position(msg: Msg) -> tuple[int, int]:
     """A JetStream message's stream sequence and delivery attempt, from its ack subject.
 
     What `msg.metadata` holds, read the way nats-py reads it, without building the rest
-    (two dataclasses and a datetime: 5 us a message in nats-py 2.16, this 0.5).
+    (nats-py builds two dataclasses and a datetime for it, on every message).
     """
     tokens = msg.reply.split(".") if msg.reply else ()
     if len(tokens) >= 9 and tokens[0] == "$JS" and tokens[1] == "ACK":

@@ -29,8 +29,8 @@ _LOG_LEVELS = frozenset({"CRITICAL", "FATAL", "ERROR", "WARNING", "INFO", "DEBUG
 
 # The byte budget of the in-flight window. Every message is held several times over
 # (fetched, queued for the host, its result, the output), in the sidecar and the host:
-# 8 MiB kept the 100 KB and 2 MB benchmark cases as fast as 32 MiB with about a third
-# less memory in both processes (docs/performance.md).
+# 8 MiB keeps big messages as fast as a larger budget, with less memory in both
+# processes (docs/performance.md, "The in-flight byte budget").
 DEFAULT_IN_FLIGHT_BYTES = 8 * MIB
 
 
