@@ -2,7 +2,7 @@
 
     python -m bench.grpc_batching [--n 20000] [--window 64]
 
-The evidence behind finding 1 of docs/performance.md. A client and a server (its own
+The evidence behind "The gRPC hop" in docs/performance.md. A client and a server (its own
 subprocess) over a Unix socket, both on uvloop when installed, shaped like the sidecar
 and the handler host: the client keeps `window` Deliveries (100 B payload, packed in
 Any) in flight on one bidirectional stream; the server runs each in a task that answers

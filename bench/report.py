@@ -157,7 +157,7 @@ def targets(rows: list[Row]) -> list[Target]:
         ),
         # The sidecar's own footprint: with 100 KB and 2 MB messages it also holds up to
         # KRT_MAX_IN_FLIGHT_BYTES of them, several times over (listed above the targets).
-        _at_most(*_peak(small, "sidecar", "100 B cases"), 40, "{:.1f} MB"),
+        _at_most(*_peak(small, "sidecar", "100 B cases"), 64, "{:.1f} MB"),
         _at_most(*_peak(split, "host"), 80, "{:.1f} MB"),
     ]
     lost = sum(r.tally.lost for r in rows)
