@@ -394,7 +394,7 @@ def position(msg: Msg) -> tuple[int, int]:
     What `msg.metadata` holds, read the way nats-py reads it, without building the rest
     (nats-py builds two dataclasses and a datetime for it, on every message).
     """
-    tokens = msg.reply.split(".") if msg.reply else ()
+    tokens: list[str] = msg.reply.split(".") if msg.reply else []
     if len(tokens) >= 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
         if len(tokens) == 9:  # $JS.ACK.stream.consumer.delivered.sseq.cseq.ts.pending
             return int(tokens[5]), int(tokens[4])
