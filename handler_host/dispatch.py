@@ -22,6 +22,11 @@ can use it; from a sync handler it raises EarlyReplyError.
 
 A Result or early reply larger than ``KRT_GRPC_MAX_MESSAGE_BYTES`` would break the
 stream every message shares; it becomes a failure instead.
+
+Each delivery runs inside its log tags (``handler_host.logs.bind``). The Dispatcher's
+``DispatchObserver``s are told when ``init`` has run and when a delivery starts, sends
+an early reply and finishes: ``handler_host.server.start_server`` plugs in the metrics
+(``handler_host.metrics``) and KRE's timing measurements (``handler_host.timing``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -43,53 +48,41 @@ from google.protobuf.message import Message
 from handler_host.context import Context, EmitEarly
 from handler_host.errors import (
     EarlyReplyError,
+    HandlerTimeout,
     InitError,
     InvalidHandlerResult,
-    RetryableError,
-    RunnerError,
-    format_user_traceback,
+    NoFreeHandlerThread,
+    ResultTooLarge,
+    failure_of,
 )
 from handler_host.loader import UserCode, is_async_callable
+from handler_host.logs import DeliveryTags, bind
 from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
 
-# A failure travels inside a NATS message: keep the text bounded.
-MAX_FAILURE_MESSAGE_CHARS = 16 * 1024
-MAX_TRACEBACK_CHARS = 32 * 1024
 # An Event's delivery id and framing, on top of the Result or early reply in it.
 EVENT_ROOM = 32
 
 
-class HandlerTimeout(RunnerError):
-    """The handler ran longer than KRT_HANDLER_TIMEOUT."""
+class DispatchObserver:
+    """Told what happens to each delivery, to measure it; here every hook does nothing.
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        super().__init__(f"handler timed out after {seconds:g}s")
+    An observer overrides the hooks it needs. They run on the event loop, inside the
+    delivery's log tags, and must not raise: the delivery's Result would be lost.
+    """
 
+    def init_finished(self, seconds: float) -> None:
+        """``init(ctx)`` returned (or the module has none) after ``seconds``."""
 
-class NoFreeHandlerThread(RetryableError):
-    """A sync handler's message waited KRT_HANDLER_TIMEOUT for a thread and was not run."""
+    def started(self, delivery: runner_pb2.Delivery) -> None:
+        """The delivery is about to be handled (a sync one may still wait for a thread)."""
 
-    def __init__(self, seconds: float, stuck: int) -> None:
-        self.seconds = seconds
-        self.stuck = stuck
-        super().__init__(
-            f"no free handler thread within {seconds:g}s ({stuck} held by timed-out "
-            "handlers): not run, retried later"
-        )
+    def early_reply_sent(self) -> None:
+        """The handler's ``ctx.early_reply`` went to the stream."""
 
-
-class ResultTooLarge(RunnerError):
-    """What the handler produced cannot travel over gRPC to the sidecar."""
-
-    def __init__(self, what: str, size: int, limit: int) -> None:
-        self.size = size
-        self.limit = limit
-        super().__init__(
-            f"{what} is {size} bytes, over the {limit} byte gRPC limit (KRT_GRPC_MAX_MESSAGE_BYTES)"
-        )
+    def finished(self, delivery: runner_pb2.Delivery, result: runner_pb2.Result | None) -> None:
+        """The delivery's Result, final and stamped; None when the delivery was cancelled."""
 
 
 @dataclass(slots=True)
@@ -112,6 +105,7 @@ class Dispatcher:
         timeout: float = 0.0,
         max_message_bytes: int = 0,
         threads: int | None = None,
+        observers: Sequence[DispatchObserver] = (),
     ) -> None:
         self.user_code = user_code
         self.context = context
@@ -119,6 +113,7 @@ class Dispatcher:
         self._executor = executor
         self._max_message_bytes = max_message_bytes  # 0: not checked
         self._threads = threads
+        self._observers = tuple(observers)
         self._handler_is_async = is_async_callable(user_code.handler)
         self._sync_calls: set[concurrent.futures.Future[Any]] = set()
         self._stuck: set[concurrent.futures.Future[Any]] = set()
@@ -135,24 +130,44 @@ class Dispatcher:
 
     async def run_init(self) -> None:
         """Run ``init(ctx)`` with the shared Context; raise InitError if it raises."""
+        started = time.perf_counter()
         init = self.user_code.init
         if init is None:
             logger.info("no init(ctx) in %s", self.user_code.path)
-            return
-        logger.info("running init(ctx)")
-        try:
-            await self._call(init, (self.context,), is_async_callable(init), _Span())
-        except (Exception, SystemExit) as exc:
-            raise InitError(self.user_code.path, exc) from exc
-        logger.info("init(ctx) finished")
+        else:
+            logger.info("running init(ctx)")
+            try:
+                await self._call(init, (self.context,), is_async_callable(init), _Span())
+            except (Exception, SystemExit) as exc:
+                raise InitError(self.user_code.path, exc) from exc
+            logger.info("init(ctx) finished")
+        seconds = time.perf_counter() - started
+        for observer in self._observers:
+            observer.init_finished(seconds)
 
     async def dispatch(
         self, delivery: runner_pb2.Delivery, emit_early: EmitEarly
     ) -> runner_pb2.Result:
         """Run the handler for one delivery; never raises (except when itself cancelled)."""
+        with bind(DeliveryTags(self.context.node_name, delivery)):
+            for observer in self._observers:
+                observer.started(delivery)
+            result = None
+            try:
+                result = await self._handle(delivery, emit_early)
+            finally:
+                for observer in self._observers:
+                    observer.finished(delivery, result)
+        return result
+
+    async def _handle(
+        self, delivery: runner_pb2.Delivery, emit_early: EmitEarly
+    ) -> runner_pb2.Result:
         message = delivery.message
         ctx = self.context.for_message(
-            message.tracking_id, replied=message.replied, emit_early=self._bounded(emit_early)
+            message.tracking_id,
+            replied=message.replied,
+            emit_early=self._early_reply_sender(emit_early),
         )
         span = _Span()
         try:
@@ -163,13 +178,13 @@ class Dispatcher:
                 span,
                 self.timeout,
             )
-            result = self._result_of(value)
+            result = self._packed_result(value)
         except asyncio.CancelledError as exc:
             if _being_cancelled():
                 raise
-            result = self._failed(delivery, exc)  # raised by the handler, not a cancellation
+            result = self._failure_result(delivery, exc)  # raised by the handler itself
         except BaseException as exc:  # every ending becomes one Result
-            result = self._failed(delivery, exc)
+            result = self._failure_result(delivery, exc)
         finally:
             ctx.finish()
         if ctx.exited_early:
@@ -177,33 +192,61 @@ class Dispatcher:
         _stamp(result, span)
         return result
 
-    def _bounded(self, emit_early: EmitEarly) -> EmitEarly:
+    def _early_reply_sender(self, emit_early: EmitEarly) -> EmitEarly:
+        """``emit_early`` refusing a reply too big for the stream, and telling the observers."""
         limit = self._max_message_bytes
+        observers = self._observers
 
-        async def emit(payload: any_pb2.Any) -> None:
+        async def send(payload: any_pb2.Any) -> None:
             size = payload.ByteSize() + EVENT_ROOM
             if limit and size > limit:
                 raise EarlyReplyError(str(ResultTooLarge("the early reply", size, limit)))
             await emit_early(payload)
+            for observer in observers:
+                observer.early_reply_sent()
 
-        return emit
+        return send
 
-    def _result_of(self, value: object) -> runner_pb2.Result:
-        result = _result_of(value)
+    def _packed_result(self, value: object) -> runner_pb2.Result:
+        """The Result carrying what the handler returned; raises if it cannot travel."""
+        result = runner_pb2.Result()
+        if isinstance(value, any_pb2.Any):
+            result.payload.CopyFrom(value)
+        elif isinstance(value, Message):
+            # As pack_any, straight into the Result: no Any built and then copied.
+            result.payload.Pack(value)
+        elif value is not None:
+            raise InvalidHandlerResult(value)
         size = result.ByteSize() + EVENT_ROOM
         if self._max_message_bytes and size > self._max_message_bytes:
             raise ResultTooLarge("the handler's result", size, self._max_message_bytes)
         return result
 
-    def _failed(self, delivery: runner_pb2.Delivery, exc: BaseException) -> runner_pb2.Result:
+    def _failure_result(
+        self, delivery: runner_pb2.Delivery, exc: BaseException
+    ) -> runner_pb2.Result:
+        """The Result for a handler that raised or timed out, logged."""
+        failure = failure_of(exc)
         where = (delivery.id, delivery.message.tracking_id)
         if isinstance(exc, HandlerTimeout | NoFreeHandlerThread):
             stuck = f"; {self.stuck_threads} sync handler thread(s) busy with timed-out calls"
             logger.error(
                 "%s on delivery %d, tracking_id=%s%s", exc, *where, stuck if self._stuck else ""
             )
-            return runner_pb2.Result(failure=failure_of(exc))
-        return _failed(delivery, exc)
+        elif failure.retryable:
+            logger.info(
+                "handler asked for a retry (%s) on delivery %d, tracking_id=%s",
+                failure.type,
+                *where,
+            )
+        else:
+            logger.error(
+                "handler raised %s on delivery %d, tracking_id=%s\n%s",
+                failure.type,
+                *where,
+                failure.traceback,
+            )
+        return runner_pb2.Result(failure=failure)
 
     async def _call(
         self,
@@ -329,64 +372,6 @@ def _call_sync(fn: Callable[..., Any], args: tuple[Any, ...], span: _Span) -> An
         return fn(*args)
     finally:
         span.end = _now()
-
-
-def _result_of(value: object) -> runner_pb2.Result:
-    result = runner_pb2.Result()
-    if value is None:
-        return result
-    if not isinstance(value, Message):
-        raise InvalidHandlerResult(value)
-    # As pack_any, straight into the Result: no Any built and then copied.
-    if isinstance(value, any_pb2.Any):
-        result.payload.CopyFrom(value)
-    else:
-        result.payload.Pack(value)
-    return result
-
-
-def _failed(delivery: runner_pb2.Delivery, exc: BaseException) -> runner_pb2.Result:
-    failure = failure_of(exc)
-    where = (failure.type, delivery.id, delivery.message.tracking_id)
-    if failure.retryable:
-        logger.info("handler asked for a retry (%s) on delivery %d, tracking_id=%s", *where)
-    else:
-        logger.error(
-            "handler raised %s on delivery %d, tracking_id=%s\n%s", *where, failure.traceback
-        )
-    return runner_pb2.Result(failure=failure)
-
-
-def failure_of(exc: BaseException) -> runner_pb2.Failure:
-    """The Failure for ``exc``; built even when the exception cannot be printed."""
-    try:
-        message = str(exc)
-    except Exception:  # a broken __str__ must not lose the Result
-        message = f"<{type(exc).__name__} whose str() raised>"
-    try:
-        trace = format_user_traceback(exc)
-    except Exception:
-        trace = ""
-    return runner_pb2.Failure(
-        message=_bounded(message, MAX_FAILURE_MESSAGE_CHARS, keep_end=False),
-        type=_text(type(exc).__name__),
-        retryable=isinstance(exc, RetryableError),
-        traceback=_bounded(trace, MAX_TRACEBACK_CHARS, keep_end=True),
-    )
-
-
-def _bounded(text: str, limit: int, *, keep_end: bool) -> str:
-    text = _text(text)
-    if len(text) <= limit:
-        return text
-    if keep_end:  # the end of a traceback is where the error is
-        return "...(truncated)\n" + text[-limit:]
-    return text[:limit] + "...(truncated)"
-
-
-def _text(text: str) -> str:
-    # Protobuf strings must be valid UTF-8; a lone surrogate in a message is not.
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _stamp(result: runner_pb2.Result, span: _Span) -> None:

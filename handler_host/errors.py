@@ -3,6 +3,7 @@
 ``RunnerError`` is the base of every error the handler host itself raises. Each
 subclass keeps the facts as attributes and builds its message from them, so a log
 line or a test can read either. ``RetryableError`` is different: user code raises it.
+``failure_of`` turns any exception into the Failure a Result carries.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from protos import runner_pb2
+
 # Frames from these places are the runner's plumbing, not the user's code: a
 # traceback shown to a user starts at the first frame of their own code.
 _PLUMBING = (
@@ -22,6 +25,10 @@ _PLUMBING = (
     str(Path(asyncio.__file__).parent),
     "<frozen importlib.",
 )
+
+# A failure travels inside a NATS message: keep the text bounded.
+MAX_FAILURE_MESSAGE_CHARS = 16 * 1024
+MAX_TRACEBACK_CHARS = 32 * 1024
 
 
 class RetryableError(Exception):
@@ -183,6 +190,37 @@ class InvalidHandlerResult(RunnerError):
         )
 
 
+class HandlerTimeout(RunnerError):
+    """The handler ran longer than KRT_HANDLER_TIMEOUT."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"handler timed out after {seconds:g}s")
+
+
+class NoFreeHandlerThread(RetryableError):
+    """A sync handler's message waited KRT_HANDLER_TIMEOUT for a thread and was not run."""
+
+    def __init__(self, seconds: float, stuck: int) -> None:
+        self.seconds = seconds
+        self.stuck = stuck
+        super().__init__(
+            f"no free handler thread within {seconds:g}s ({stuck} held by timed-out "
+            "handlers): not run, retried later"
+        )
+
+
+class ResultTooLarge(RunnerError):
+    """What the handler produced cannot travel over gRPC to the sidecar."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{what} is {size} bytes, over the {limit} byte gRPC limit (KRT_GRPC_MAX_MESSAGE_BYTES)"
+        )
+
+
 def format_user_traceback(exc: BaseException) -> str:
     """Format ``exc`` with its traceback, leaving out the runner's leading frames."""
     tb: TracebackType | None = exc.__traceback__
@@ -191,3 +229,35 @@ def format_user_traceback(exc: BaseException) -> str:
     # When every frame is plumbing (a SyntaxError found while compiling), keep them all.
     shown = tb if tb is not None else exc.__traceback__
     return "".join(traceback.format_exception(type(exc), exc, shown))
+
+
+def failure_of(exc: BaseException) -> runner_pb2.Failure:
+    """The Failure for ``exc``; built even when the exception cannot be printed."""
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not lose the Result
+        message = f"<{type(exc).__name__} whose str() raised>"
+    try:
+        trace = format_user_traceback(exc)
+    except Exception:
+        trace = ""
+    return runner_pb2.Failure(
+        message=_truncated(message, MAX_FAILURE_MESSAGE_CHARS, keep_end=False),
+        type=_text(type(exc).__name__),
+        retryable=isinstance(exc, RetryableError),
+        traceback=_truncated(trace, MAX_TRACEBACK_CHARS, keep_end=True),
+    )
+
+
+def _truncated(text: str, limit: int, *, keep_end: bool) -> str:
+    text = _text(text)
+    if len(text) <= limit:
+        return text
+    if keep_end:  # the end of a traceback is where the error is
+        return "...(truncated)\n" + text[-limit:]
+    return text[:limit] + "...(truncated)"
+
+
+def _text(text: str) -> str:
+    # Protobuf strings must be valid UTF-8; a lone surrogate in a message is not.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -1,7 +1,8 @@
 """``kre-handler-host``: load the user's code, serve it over gRPC, stop cleanly.
 
-Start: settings -> import the handler module -> build the data-service clients ->
-gRPC server up, health NOT_SERVING -> ``init(ctx)`` -> SERVING.
+Start: settings (the host's and the data services', every problem reported at once)
+-> import the handler module -> build the data-service clients -> gRPC server up,
+health NOT_SERVING -> ``init(ctx)`` -> SERVING.
 Stop (SIGTERM/SIGINT): NOT_SERVING -> in-flight calls finish within
 KRT_SHUTDOWN_GRACE -> server stopped -> services closed -> exit 0.
 
@@ -23,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NoReturn
 
 from handler_host import logs, metrics
@@ -31,6 +32,7 @@ from handler_host.context import Context, ContextServices
 from handler_host.errors import RunnerError, SettingsError
 from handler_host.loader import UserCode, load_user_code
 from handler_host.server import HostServer, start_server
+from handler_host.services import Services, ServiceSettings
 from handler_host.settings import HostSettings
 
 logger = logging.getLogger(__name__)
@@ -70,17 +72,37 @@ async def start_host(
     return server
 
 
-def open_services(settings: HostSettings) -> ContextServices:
+def read_settings(env: Mapping[str, str] = os.environ) -> tuple[HostSettings, ServiceSettings]:
+    """The host's settings and its data services', read together before any user code.
+
+    Raises one SettingsError listing the problems of both.
+    """
+    errors: list[SettingsError] = []
+    try:
+        settings = HostSettings.from_env(env)
+    except SettingsError as exc:
+        errors.append(exc)
+    try:
+        service_settings = ServiceSettings.from_env(env)
+    except SettingsError as exc:
+        errors.append(exc)
+    if errors:
+        raise SettingsError(
+            [name for error in errors for name in error.missing],
+            [problem for error in errors for problem in error.invalid],
+        )
+    return settings, service_settings
+
+
+def open_services(settings: HostSettings, service_settings: ServiceSettings) -> ContextServices:
     """The data services behind ``ctx.db``, ``ctx.prediction`` and ``ctx.measurement``.
 
-    Built once from their own KRT_* variables, connecting nothing yet; a service whose
-    URI is unset stays None and ``ctx.<name>`` then says which variable to set.
+    Built once, connecting nothing yet (a driver is imported only for a service whose
+    URI is set); a service whose URI is unset stays None and ``ctx.<name>`` then says
+    which variable to set.
     """
-    # Imported here: the database drivers load only in the process that serves.
-    from handler_host.services import Services, ServiceSettings
-
     return Services.from_settings(
-        ServiceSettings.from_env(),
+        service_settings,
         version_id=settings.version_id,
         version_name=settings.version,
         workflow=settings.workflow_name,
@@ -88,7 +110,7 @@ def open_services(settings: HostSettings) -> ContextServices:
     )
 
 
-async def serve(settings: HostSettings) -> None:
+async def serve(settings: HostSettings, service_settings: ServiceSettings) -> None:
     """Run the handler host until SIGTERM or SIGINT, then stop it gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,14 +119,16 @@ async def serve(settings: HostSettings) -> None:
     # Up before init(ctx): a long model load can be watched (process memory, init time).
     metrics_server = _start_metrics(settings)
     try:
-        await _serve_until(stop, settings)
+        await _serve_until(stop, settings, service_settings)
     finally:
         if metrics_server is not None:
             await metrics_server.close()
 
 
-async def _serve_until(stop: asyncio.Event, settings: HostSettings) -> None:
-    starting = asyncio.create_task(_start(settings))
+async def _serve_until(
+    stop: asyncio.Event, settings: HostSettings, service_settings: ServiceSettings
+) -> None:
+    starting = asyncio.create_task(_start(settings, service_settings))
     waiting = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -129,10 +153,10 @@ def _start_metrics(settings: HostSettings) -> metrics.MetricsServer | None:
     return metrics.MetricsServer.start(settings.metrics_host, settings.metrics_port)
 
 
-async def _start(settings: HostSettings) -> HostServer:
+async def _start(settings: HostSettings, service_settings: ServiceSettings) -> HostServer:
     # The user code first: a wrong handler path fails fast, before any connection.
     user_code = load_user_code(settings.base_path, settings.handler_path)
-    services = open_services(settings)
+    services = open_services(settings, service_settings)
     return await start_host(settings, services, user_code=user_code)
 
 
@@ -151,15 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     log_format, level = logs.format_from_env(os.environ)
     logs.configure(log_format, level)
     try:
-        settings = HostSettings.from_env()
+        settings, service_settings = read_settings()
     except SettingsError as exc:
         logger.error("%s", exc)
         _exit(EXIT_BAD_SETTINGS)
     logs.configure(settings.log_format, settings.log_level, node=settings.node_name)
     logger.info("settings: %s", settings.summary())
     try:
-        _run(serve(settings))
-    except SettingsError as exc:  # the data services' variables
+        _run(serve(settings, service_settings))
+    except SettingsError as exc:  # a KRT_MONGO_URI that PyMongo refuses, found building its client
         logger.error("%s", exc)
         _exit(EXIT_BAD_SETTINGS)
     except RunnerError as exc:

@@ -1,4 +1,4 @@
-"""The handler host's Prometheus metrics, and the dispatcher that records them.
+"""The handler host's Prometheus metrics, and the dispatch observer that records them.
 
 The metrics live in their own registry (``REGISTRY``, with the process and GC
 collectors), served over HTTP by ``MetricsServer`` on ``KRT_METRICS_HOST:
@@ -6,9 +6,9 @@ KRT_METRICS_PORT`` (default ``0.0.0.0:9090``; port 0 turns it off). That is a pl
 HTTP port apart from the gRPC socket: it serves ``/metrics`` and nothing else, no user
 code, so binding every interface lets Prometheus scrape the pod IP.
 
-``ObservedDispatcher`` is the ``Dispatcher`` with, around each delivery: its log tags
-made current (``handler_host.logs.bind``), the in-flight gauge, the duration by
-outcome, errors by exception type, early replies counted; and ``init`` timed.
+``DeliveryMetrics`` is the ``DispatchObserver`` that keeps them: the in-flight gauge,
+the duration by outcome, errors by exception type, early replies counted, and how long
+``init`` took.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import asyncio
 import functools
 import logging
 import threading
-import time
 from typing import Any
 
-from google.protobuf import any_pb2
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -33,10 +31,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from handler_host.context import EmitEarly
-from handler_host.dispatch import Dispatcher
-from handler_host.logs import DeliveryTags, bind
-from handler_host.timing import record_timing
+from handler_host.dispatch import DispatchObserver
 from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
@@ -108,34 +103,22 @@ def outcome_of(result: runner_pb2.Result) -> str:
     return NONE
 
 
-class ObservedDispatcher(Dispatcher):
-    """A Dispatcher whose deliveries are logged with their tags and measured."""
+class DeliveryMetrics(DispatchObserver):
+    """Records each delivery, each early reply and ``init`` in the metrics above."""
 
-    async def run_init(self) -> None:
-        started = time.perf_counter()
-        await super().run_init()
-        INIT_SECONDS.set(time.perf_counter() - started)
+    def init_finished(self, seconds: float) -> None:
+        INIT_SECONDS.set(seconds)
 
-    async def dispatch(
-        self,
-        delivery: runner_pb2.Delivery,
-        emit_early: EmitEarly,
-        *args: Any,
-        **kwargs: Any,
-    ) -> runner_pb2.Result:
-        async def counted_early(payload: any_pb2.Any) -> None:
-            await emit_early(payload)
-            EARLY_REPLIES.inc()
-
+    def started(self, delivery: runner_pb2.Delivery) -> None:
         IN_FLIGHT.inc()
-        try:
-            with bind(DeliveryTags(self.context.node_name, delivery)):
-                result = await super().dispatch(delivery, counted_early, *args, **kwargs)
-                _observe(result)
-                record_timing(self.context.services, delivery, result, self.context.is_last_node)
-        finally:
-            IN_FLIGHT.dec()
-        return result
+
+    def early_reply_sent(self) -> None:
+        EARLY_REPLIES.inc()
+
+    def finished(self, delivery: runner_pb2.Delivery, result: runner_pb2.Result | None) -> None:
+        IN_FLIGHT.dec()
+        if result is not None:  # None: cancelled, neither handled nor failed
+            _observe(result)
 
 
 def _observe(result: runner_pb2.Result) -> None:

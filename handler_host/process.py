@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 
-from handler_host.dispatch import EVENT_ROOM, Dispatcher, failure_of
+from handler_host.dispatch import EVENT_ROOM, Dispatcher
+from handler_host.errors import failure_of
 from protos import runner_pb2
 from protos.contract import BATCH_BYTES
 
@@ -116,7 +117,7 @@ class ProcessStream:
                     item = self._queue.popleft()
                     if isinstance(item, _Abort):
                         await self._context.abort(item.code, item.details)
-                    else:
+                    elif isinstance(item, BaseException):
                         raise item
         finally:
             await self._cancel(reader)

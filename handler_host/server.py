@@ -24,9 +24,10 @@ from handler_host.dispatch import Dispatcher
 from handler_host.errors import BindError
 from handler_host.loader import UserCode
 from handler_host.logs import with_call_metadata
-from handler_host.metrics import ObservedDispatcher
+from handler_host.metrics import DeliveryMetrics
 from handler_host.process import ProcessStream
 from handler_host.settings import HostSettings
+from handler_host.timing import TimingRecorder
 from protos import runner_pb2, runner_pb2_grpc
 from protos.contract import BATCH_BYTES, SERVICE_NAME
 
@@ -218,13 +219,14 @@ async def start_server(settings: HostSettings, user_code: UserCode, context: Con
     executor = ThreadPoolExecutor(
         max_workers=settings.handler_threads, thread_name_prefix=USER_THREAD_PREFIX
     )
-    dispatcher = ObservedDispatcher(
+    dispatcher = Dispatcher(
         user_code,
         context,
         executor,
         timeout=settings.handler_timeout,
         max_message_bytes=settings.grpc_max_message_bytes,
         threads=settings.handler_threads,
+        observers=(DeliveryMetrics(), TimingRecorder(context)),
     )
     servicer = HandlerHostServicer(dispatcher, settings.grpc_max_message_bytes)
     health = health_aio.HealthServicer()

@@ -4,7 +4,8 @@
 elapsed_ms, waiting_ms) for every message, and ``workflow_elapsed_time`` on the last
 node. ``waiting_ms`` is the time between the previous node's end (the input's last
 tracking entry) and this handler's start. Nothing is written without KRT_INFLUX_URI,
-and then nothing is worked out either.
+and then nothing is worked out either. ``TimingRecorder`` is the ``DispatchObserver``
+that records it for every delivery.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from handler_host.context import Context
+from handler_host.dispatch import DispatchObserver
 from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
@@ -59,3 +62,15 @@ def record_timing(
         )
     except Exception:  # a measurement must never fail a message
         logger.exception("could not record the message's timing")
+
+
+class TimingRecorder(DispatchObserver):
+    """Records each delivery's timing through the Context's data services."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    def finished(self, delivery: runner_pb2.Delivery, result: runner_pb2.Result | None) -> None:
+        if result is not None:
+            context = self._context
+            record_timing(context.services, delivery, result, context.is_last_node)

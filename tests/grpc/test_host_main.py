@@ -71,13 +71,42 @@ def test_missing_variables_exit_2_and_are_all_named(tmp_path: Path) -> None:
     assert "KRT_HANDLER_THREADS='zero'" in done.stderr
 
 
-def test_invalid_data_service_variable_exits_2(tmp_path: Path) -> None:
-    krt = write_handler(tmp_path, "def handler(ctx, data):\n    return None\n")
+def write_marking_handler(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A handler module that leaves a marker file when it is imported."""
+    marker = tmp_path / "imported"
+    code = f"""
+        from pathlib import Path
+        Path({str(marker)!r}).touch()
+
+        def handler(ctx, data):
+            return None
+        """
+    return write_handler(tmp_path, code), marker
+
+
+def test_invalid_data_service_variable_exits_2_before_importing_user_code(
+    tmp_path: Path,
+) -> None:
+    krt, marker = write_marking_handler(tmp_path)
 
     done = run_host(tmp_path, KRT_INFLUX_URI="influx-without-scheme", **krt)
 
     assert done.returncode == 2, done.stderr
     assert "KRT_INFLUX_URI='influx-without-scheme'" in done.stderr
+    assert not marker.exists()
+
+
+def test_host_and_data_service_problems_are_reported_together(tmp_path: Path) -> None:
+    krt, marker = write_marking_handler(tmp_path)
+
+    done = run_host(tmp_path, KRT_HANDLER_PATH=krt["KRT_HANDLER_PATH"], KRT_MONGO_TIMEOUT="soon")
+
+    assert done.returncode == 2, done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(error_lines) == 1, done.stderr  # one error, its problems on the lines after
+    assert "missing (set them): KRT_BASE_PATH" in done.stderr
+    assert "invalid: KRT_MONGO_TIMEOUT='soon', expected seconds" in done.stderr
+    assert not marker.exists()
 
 
 def test_missing_handler_file_exits_1(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from google.protobuf import any_pb2, wrappers_pb2
 
 from handler_host import RetryableError
 from handler_host.context import Context, pack_any
-from handler_host.dispatch import MAX_FAILURE_MESSAGE_CHARS, Dispatcher
-from handler_host.errors import InitError
+from handler_host.dispatch import Dispatcher
+from handler_host.errors import MAX_FAILURE_MESSAGE_CHARS, InitError
 from handler_host.loader import UserCode
 from protos import kre_nats_msg_pb2, runner_pb2
 

@@ -1,4 +1,4 @@
-"""ObservedDispatcher: metrics and log tags per delivery, worked out only when needed."""
+"""Log tags, metrics and timing per delivery (the dispatch hooks), worked out when needed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -18,10 +18,12 @@ from google.protobuf import any_pb2, wrappers_pb2
 
 from handler_host import logs, metrics
 from handler_host.context import Context, pack_any
+from handler_host.dispatch import Dispatcher, DispatchObserver
+from handler_host.errors import EarlyReplyError
 from handler_host.loader import UserCode
 from handler_host.logs import DeliveryTags, MessageTags
-from handler_host.metrics import ObservedDispatcher
-from handler_host.timing import record_timing
+from handler_host.metrics import DeliveryMetrics
+from handler_host.timing import TimingRecorder, record_timing
 from protos import kre_nats_msg_pb2, runner_pb2
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -61,10 +63,12 @@ async def handler(ctx: Any, data: any_pb2.Any) -> wrappers_pb2.StringValue | Non
 
 
 @pytest.fixture
-async def dispatcher(tmp_path: Path) -> AsyncIterator[ObservedDispatcher]:
+async def dispatcher(tmp_path: Path) -> AsyncIterator[Dispatcher]:
     executor = ThreadPoolExecutor(1, thread_name_prefix="test-user")
     code = UserCode(handler, None, ModuleType("user"), tmp_path / "handler.py")
-    yield ObservedDispatcher(code, Context(str(tmp_path), node_name="scorer"), executor)
+    context = Context(str(tmp_path), node_name="scorer")
+    observers = (DeliveryMetrics(), TimingRecorder(context))
+    yield Dispatcher(code, context, executor, observers=observers)
     executor.shutdown(wait=True)
 
 
@@ -99,7 +103,7 @@ def sample(name: str, **labels: str) -> float:
 
 
 async def test_no_tags_are_worked_out_for_a_delivery_that_logs_nothing(
-    dispatcher: ObservedDispatcher, stream: io.StringIO, tags_made: list[tuple[Any, ...]]
+    dispatcher: Dispatcher, stream: io.StringIO, tags_made: list[tuple[Any, ...]]
 ) -> None:
     result = await dispatcher.dispatch(
         delivery("quiet", headers={"traceparent": TRACEPARENT}), no_early
@@ -111,7 +115,7 @@ async def test_no_tags_are_worked_out_for_a_delivery_that_logs_nothing(
 
 
 async def test_a_logged_line_gets_the_tags_worked_out_once(
-    dispatcher: ObservedDispatcher, stream: io.StringIO, tags_made: list[tuple[Any, ...]]
+    dispatcher: Dispatcher, stream: io.StringIO, tags_made: list[tuple[Any, ...]]
 ) -> None:
     headers = {"TraceParent": TRACEPARENT.upper(), "other": "x"}
     await dispatcher.dispatch(delivery("log", headers=headers), no_early)
@@ -136,7 +140,7 @@ def test_lazy_tags_are_cleaned_as_eager_ones(stream: io.StringIO) -> None:
     assert tags == MessageTags.of("n", "", 2, headers)
 
 
-async def test_outcomes_errors_and_durations_are_counted(dispatcher: ObservedDispatcher) -> None:
+async def test_outcomes_errors_and_durations_are_counted(dispatcher: Dispatcher) -> None:
     seconds = "kre_handler_host_handler_seconds"
     before = {
         "payload": sample(f"{seconds}_count", outcome="payload"),
@@ -203,3 +207,134 @@ def test_timing_is_worked_out_only_with_influxdb(with_influx: bool) -> None:
     assert call["end"] == datetime.fromisoformat("2023-11-14T22:13:20.223456+00:00")
     assert call["previous_end"] == datetime.fromisoformat(entry.end)
     assert (call["tracking_id"], call["node_from"]) == ("t-1", "entry")
+
+
+class Recorder(DispatchObserver):
+    """Writes down every hook call, with what the hook was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def init_finished(self, seconds: float) -> None:
+        self.calls.append(("init", seconds))
+
+    def started(self, delivery: runner_pb2.Delivery) -> None:
+        self.calls.append(("started", delivery, logs.current_tags()))
+
+    def early_reply_sent(self) -> None:
+        self.calls.append(("early",))
+
+    def finished(self, delivery: runner_pb2.Delivery, result: runner_pb2.Result | None) -> None:
+        self.calls.append(("finished", delivery, result, logs.current_tags()))
+
+
+async def test_observers_are_told_each_step_inside_the_delivery_tags(tmp_path: Path) -> None:
+    async def replying(ctx: Any, data: any_pb2.Any) -> wrappers_pb2.StringValue:
+        await ctx.early_reply(wrappers_pb2.StringValue(value="early"))
+        return wrappers_pb2.StringValue(value="late")
+
+    async def init(ctx: Any) -> None:
+        await asyncio.sleep(0.01)
+
+    first, second = Recorder(), Recorder()
+    executor = ThreadPoolExecutor(1)
+    code = UserCode(replying, init, ModuleType("user"), tmp_path / "handler.py")
+    dispatcher = Dispatcher(code, Context(str(tmp_path)), executor, observers=(first, second))
+    sent: list[any_pb2.Any] = []
+
+    async def emit(payload: any_pb2.Any) -> None:
+        sent.append(payload)
+
+    await dispatcher.run_init()
+    item = delivery()
+    result = await dispatcher.dispatch(item, emit)
+    executor.shutdown()
+
+    assert first.calls == second.calls
+    (_, seconds), started, early, finished = first.calls
+    assert seconds >= 0.01
+    assert started[:2] == ("started", item) and early == ("early",) and len(sent) == 1
+    assert finished[:3] == ("finished", item, result)  # the very Result returned
+    assert unpack(result.payload) == "late"
+    for tags in (started[2], finished[3]):
+        assert tags is not None and tags.resolve().tracking_id == "t-1"
+
+
+async def test_observers_see_a_cancelled_delivery_end_without_a_result(tmp_path: Path) -> None:
+    entered = asyncio.Event()
+
+    async def hanging(ctx: Any, data: any_pb2.Any) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    recorder = Recorder()
+    in_flight = sample("kre_handler_host_in_flight")
+    code = UserCode(hanging, None, ModuleType("user"), tmp_path / "handler.py")
+    observers = (DeliveryMetrics(), recorder)
+    executor = ThreadPoolExecutor(1)
+    dispatcher = Dispatcher(code, Context(str(tmp_path)), executor, observers=observers)
+
+    task = asyncio.create_task(dispatcher.dispatch(delivery(), no_early))
+    await entered.wait()
+    assert sample("kre_handler_host_in_flight") == in_flight + 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    executor.shutdown()
+
+    assert [call[0] for call in recorder.calls] == ["started", "finished"]
+    assert recorder.calls[-1][2] is None
+    assert sample("kre_handler_host_in_flight") == in_flight
+
+
+async def test_early_replies_are_counted_once_sent(tmp_path: Path) -> None:
+    async def replying(ctx: Any, data: any_pb2.Any) -> None:
+        await ctx.early_reply(wrappers_pb2.StringValue(value="small"))
+        with pytest.raises(EarlyReplyError):  # over the limit: refused, not counted
+            await ctx.early_reply(wrappers_pb2.StringValue(value="x" * 200))
+
+    sent: list[any_pb2.Any] = []
+
+    async def emit(payload: any_pb2.Any) -> None:
+        sent.append(payload)
+
+    before = sample("kre_handler_host_early_replies_total")
+    code = UserCode(replying, None, ModuleType("user"), tmp_path / "handler.py")
+    executor = ThreadPoolExecutor(1)
+    dispatcher = Dispatcher(
+        code,
+        Context(str(tmp_path)),
+        executor,
+        max_message_bytes=100,
+        observers=(DeliveryMetrics(),),
+    )
+    result = await dispatcher.dispatch(delivery(), emit)
+    executor.shutdown()
+
+    assert result.WhichOneof("outcome") is None, result.failure.message
+    assert len(sent) == 1
+    assert sample("kre_handler_host_early_replies_total") == before + 1
+
+
+@pytest.mark.parametrize("last_node", [False, True])
+async def test_timing_is_recorded_from_the_result(tmp_path: Path, last_node: bool) -> None:
+    calls: list[dict[str, Any]] = []
+    services = SimpleNamespace(
+        measurement=object(), record_node_elapsed=lambda **kwargs: calls.append(kwargs)
+    )
+    context = Context(str(tmp_path), is_last_node=last_node, services=services)
+    code = UserCode(handler, None, ModuleType("user"), tmp_path / "handler.py")
+    executor = ThreadPoolExecutor(1)
+    dispatcher = Dispatcher(code, context, executor, observers=(TimingRecorder(context),))
+    item = delivery()
+    item.message.tracking.add(node_name="entry", start="2023-11-14T22:13:19", end="")
+
+    result = await dispatcher.dispatch(item, no_early)
+    executor.shutdown()
+
+    (call,) = calls
+    assert call["start"] == result.start.ToDatetime(tzinfo=UTC)
+    assert call["end"] == result.end.ToDatetime(tzinfo=UTC)
+    assert call["node_from"] == "entry"
+    expected = datetime(2023, 11, 14, 22, 13, 19, tzinfo=UTC) if last_node else None
+    assert call["workflow_start"] == expected

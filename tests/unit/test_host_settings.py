@@ -1,10 +1,11 @@
-"""HostSettings.from_env: every problem listed at once, safe defaults, no secrets shown."""
+"""HostSettings.from_env, read_settings: every problem listed at once, no secrets shown."""
 
 from __future__ import annotations
 
 import pytest
 
 from handler_host.errors import SettingsError
+from handler_host.main import read_settings
 from handler_host.settings import (
     DEFAULT_ADDRESS,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -76,6 +77,28 @@ def test_all_missing_variables_in_one_error() -> None:
 
     assert caught.value.missing == ["KRT_BASE_PATH", "KRT_HANDLER_PATH"]
     assert "KRT_BASE_PATH, KRT_HANDLER_PATH" in str(caught.value)
+
+
+def test_host_and_data_service_problems_in_one_error() -> None:
+    env = {"KRT_HANDLER_PATH": "handler.py", "KRT_MONGO_TIMEOUT": "soon", "KRT_MONGO_DB": "a.b"}
+
+    with pytest.raises(SettingsError) as caught:
+        read_settings(env)
+
+    error = caught.value
+    assert error.missing == ["KRT_BASE_PATH"]
+    assert [problem.split("=")[0] for problem in error.invalid] == [
+        "KRT_MONGO_TIMEOUT",
+        "KRT_MONGO_DB",
+    ]
+    assert "KRT_MONGO_TIMEOUT='soon', expected seconds" in str(error)
+
+
+def test_host_and_data_service_settings_read_together() -> None:
+    settings, services = read_settings({**REQUIRED, "KRT_MONGO_TIMEOUT": "2.5"})
+
+    assert settings.handler_file == "/src/handler.py"
+    assert services.mongo_timeout_s == 2.5
 
 
 def test_missing_and_invalid_listed_together() -> None:
