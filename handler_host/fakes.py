@@ -191,8 +191,9 @@ class RecordedPoint:
     line: str
 
 
-class _Lines:
-    """The PointSink of InMemoryMeasurements: keeps the lines, sends nothing."""
+class LineSink:
+    """A PointSink that keeps (precision, line) pairs and sends nothing: the sink of
+    InMemoryMeasurements, and of tests of the line protocol."""
 
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
@@ -216,7 +217,7 @@ class InMemoryMeasurements(Measurements):
     """``ctx.measurement``: the real checks and line, recorded in ``points``."""
 
     def __init__(self, version: str = "") -> None:
-        self._lines = _Lines()
+        self._lines = LineSink()
         super().__init__(self._lines, version)
         self.points: list[RecordedPoint] = []
 

@@ -24,6 +24,7 @@ from nats.js.api import ConsumerInfo
 from deploy.local.client import DeadLetters, Downstream, request_envelope
 from deploy.local.node import NodeConfig
 from protos.kre_nats_msg_pb2 import KreNatsMessage
+from tests.waiting import eventually
 
 
 @dataclass
@@ -59,13 +60,6 @@ def delivered(info: ConsumerInfo) -> int:
     """How many deliveries the consumer has made, redeliveries included."""
     assert info.delivered is not None
     return info.delivered.consumer_seq
-
-
-async def eventually_async(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"{what}: not true after {timeout:.0f}s"
-        await asyncio.sleep(0.05)
 
 
 class Load:
@@ -124,7 +118,7 @@ class Load:
         async def enough() -> bool:
             return await self.answered(batch) >= count
 
-        await eventually_async(enough, timeout, f"{count} replies")
+        await eventually(enough, timeout, f"{count} replies")
         return self.live.count if self.live else 0
 
     def fault(self) -> None:
@@ -140,7 +134,7 @@ class Load:
             info = await self.js.consumer_info(self.config.stream, durable)
             return info.num_pending == 0 and info.num_ack_pending == 0
 
-        await eventually_async(check, timeout, f"consumer {durable} settled")
+        await eventually(check, timeout, f"consumer {durable} settled")
         assert info is not None
         return info
 

@@ -19,10 +19,10 @@ from nats.js import JetStreamContext
 
 from deploy.local.client import DeadLetters, Downstream, ensure_stream, request_envelope
 from protos import runner_pb2
-from sidecar.main import Sidecar
 from tests.faults.harness import delivered
-from tests.integration.test_sidecar_nats import NODE, Node, eventually, settled
+from tests.integration.test_sidecar_nats import NODE, Node, settled
 from tests.unit.fake_handler_host import Emit, packed, text_of
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
 
@@ -126,7 +126,7 @@ async def test_a_dead_letter_that_cannot_be_published_is_retried_never_termed(
     lost = f"{node.stream}.lost.dlq"
     await ensure_stream(js, node.stream, [lost])
     sidecar = await node.sidecar(KRT_NATS_DLQ_SUBJECT=lost)
-    await eventually(lambda: _ready(sidecar))  # a stream captured it at start
+    await eventually(lambda: sidecar.ready()[0])  # a stream captured it at start
     await drop_subject(js, node.stream, lost)  # then it is taken out of the stream
     with caplog.at_level(logging.WARNING):
         downstream = await Downstream(js, node.stream, node.output, node.entrypoint).start()
@@ -151,10 +151,6 @@ async def test_a_dead_letter_that_cannot_be_published_is_retried_never_termed(
     await downstream.wait_for(1, timeout=5)
     assert len(downstream.received) == 1 and downstream.received[0].error
     assert delivered(info) >= 3  # delivered again until the dead letter landed
-
-
-async def _ready(sidecar: Sidecar) -> bool:
-    return sidecar.ready()[0]
 
 
 async def drop_subject(js: JetStreamContext, stream: str, subject: str) -> None:

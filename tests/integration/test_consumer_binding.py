@@ -21,8 +21,9 @@ from deploy.local.nats import NatsServer
 from sidecar import consumer as consumer_module
 from sidecar.main import Sidecar
 from sidecar.settings import SidecarSettings
-from tests.integration.test_sidecar_nats import eventually, http_get
+from tests.integration.test_sidecar_nats import http_get
 from tests.unit.fake_handler_host import FakeHandlerHost, RunningHost, text_of
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -141,7 +142,7 @@ async def test_a_kre_py_push_durable_is_refused_once_then_replaced_without_a_res
     sidecar = await start_sidecar(KRT_NATS_DURABLE=OLD_DURABLE)
     downstream = await Downstream(js, node.stream, node.output).start()
 
-    await eventually(lambda: _true(len(attempts) >= 5))  # refused, retried a few times
+    await eventually(lambda: len(attempts) >= 5)  # refused, retried a few times
     status, body = await readyz(sidecar)
 
     [error] = errors_of(caplog)  # once, not at every retry
@@ -185,11 +186,11 @@ async def test_a_dead_letter_subject_no_stream_captures_keeps_the_node_unready_u
     sidecar = await start_sidecar()
     downstream = await Downstream(js, node.stream, node.output).start()
     # Published once the durable exists: an interest stream keeps nothing for nobody.
-    await eventually(lambda: _true("KRT_NATS_DLQ_SUBJECT" in _status(sidecar)))
+    await eventually(lambda: "KRT_NATS_DLQ_SUBJECT" in _status(sidecar))
     request = request_envelope(StringValue(value="kept"))
     await js.publish(node.input, request.SerializeToString())
 
-    await eventually(lambda: _true(len(attempts) >= 5))
+    await eventually(lambda: len(attempts) >= 5)
     status, body = await readyz(sidecar)
 
     [error] = errors_of(caplog)
@@ -233,7 +234,7 @@ async def test_a_dead_letter_consumer_on_an_interest_stream_silences_the_warning
     )
     sidecar = await start_sidecar()
 
-    await eventually(lambda: _true(sidecar.consumer is not None and sidecar.consumer.bound))
+    await eventually(lambda: sidecar.consumer is not None and sidecar.consumer.bound)
 
     assert "drops every dead letter" not in caplog.text
     assert errors_of(caplog) == []
@@ -287,7 +288,3 @@ async def _true_after(count: Awaitable[int], wanted: int) -> bool:
 
 def _status(sidecar: Sidecar) -> str:
     return sidecar.consumer.status if sidecar.consumer else ""
-
-
-async def _true(value: bool) -> bool:
-    return value

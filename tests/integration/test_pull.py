@@ -16,7 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from deploy.local.nats import NatsServer
 from sidecar.message import position
 from sidecar.pull import Puller
-from tests.unit.fake_jetstream import eventually
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

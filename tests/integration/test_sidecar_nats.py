@@ -24,19 +24,13 @@ from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar.main import Sidecar
 from sidecar.settings import SidecarSettings, default_dlq_subject
 from tests.unit.fake_handler_host import Emit, FakeHandlerHost, RunningHost, packed, text_of
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 NODE = "node-x"
 # KRE's tracking times: naive UTC, six fraction digits.
 KRE_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}")
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def words(envelope: KreNatsMessage) -> str:
@@ -261,10 +255,10 @@ async def test_host_going_away_loses_nothing(js: JetStreamContext, node: Node) -
     await Upstream(js, node.input).send_all(
         [request_envelope(StringValue(value=f"m{i}")) for i in range(10)]
     )
-    await eventually(lambda: _true(len(hanging.deliveries) == 10))
+    await eventually(lambda: len(hanging.deliveries) == 10)
 
     await node.hosts.pop().stop()  # the handler host dies with 10 messages inside
-    await eventually(lambda: _true(not sidecar.ready()[0]))
+    await eventually(lambda: not sidecar.ready()[0])
     await node.host()  # ...and comes back
 
     outputs = await downstream.wait_for(10, timeout=30)
@@ -354,14 +348,14 @@ async def test_missing_stream_means_not_ready_until_it_exists(
     sidecar = await node.sidecar(
         KRT_NATS_STREAM=f"{node.stream}-late", KRT_NATS_DLQ_SUBJECT=node.dlq
     )
-    await eventually(lambda: _true("not found" in sidecar.ready()[1]))
+    await eventually(lambda: "not found" in sidecar.ready()[1])
     status, body = await http_get(sidecar.http_port, "/readyz")
     assert status == 503 and "not found" in body
     assert (await http_get(sidecar.http_port, "/healthz"))[0] == 200
 
     await js.add_stream(name=f"{node.stream}-late", subjects=[f"{node.stream}-late.>"])
     try:
-        await eventually(lambda: _true(sidecar.ready()[0]))
+        await eventually(lambda: sidecar.ready()[0])
         assert (await http_get(sidecar.http_port, "/readyz")) == (200, "ready\n")
     finally:
         await sidecar.stop()
@@ -374,7 +368,7 @@ async def test_metrics_and_probes(js: JetStreamContext, node: Node) -> None:
     assert status == 503 and "handler host not serving" in body
 
     await node.host()
-    await eventually(lambda: _true(sidecar.ready()[0]))
+    await eventually(lambda: sidecar.ready()[0])
     await js.publish(node.input, request_envelope(StringValue(value="x")).SerializeToString())
     await settled(js, node)
 
@@ -398,7 +392,7 @@ async def test_shutdown_naks_what_is_unfinished_and_another_replica_takes_it(
     hanging = await node.host(hang)
     first = await node.sidecar(KRT_SHUTDOWN_GRACE="0.2")
     await js.publish(node.input, request_envelope(StringValue(value="x")).SerializeToString())
-    await eventually(lambda: _true(len(hanging.deliveries) == 1))
+    await eventually(lambda: len(hanging.deliveries) == 1)
 
     started = time.monotonic()
     await first.stop()
@@ -411,10 +405,6 @@ async def test_shutdown_naks_what_is_unfinished_and_another_replica_takes_it(
     [output] = await downstream.wait_for(1, timeout=20)
     assert words(output) == "hello x"
     await settled(js, node)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_several_input_subjects(js: JetStreamContext, node: Node) -> None:
@@ -439,7 +429,7 @@ async def test_a_consumer_deleted_while_running_is_created_again(
     await node.host()
     sidecar = await node.sidecar()
     downstream = await Downstream(js, node.stream, node.output).start()
-    await eventually(lambda: _true(sidecar.consumer is not None and sidecar.consumer.bound))
+    await eventually(lambda: sidecar.consumer is not None and sidecar.consumer.bound)
 
     await js.delete_consumer(node.stream, NODE)
     request = request_envelope(StringValue(value="after"))
@@ -448,7 +438,3 @@ async def test_a_consumer_deleted_while_running_is_created_again(
     outputs = await downstream.wait_for(1, timeout=30)
     assert [words(o) for o in outputs] == ["hello after"]
     await settled(js, node)
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -15,8 +15,8 @@ from tests.unit.fake_jetstream import (
     ReadyChannel,
     ServingSub,
     consumer_settings,
-    eventually,
 )
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(20)
 

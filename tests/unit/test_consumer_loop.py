@@ -10,7 +10,8 @@ import pytest
 
 from sidecar import consumer as consumer_module
 from sidecar.consumer import Consumer
-from tests.unit.fake_jetstream import FakeJs, ReadyChannel, consumer_settings, eventually
+from tests.unit.fake_jetstream import FakeJs, ReadyChannel, consumer_settings
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -18,6 +18,7 @@ from handler_host.context import Context, pack_any
 from handler_host.dispatch import Dispatcher
 from handler_host.loader import UserCode
 from protos import kre_nats_msg_pb2, runner_pb2
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -33,14 +34,6 @@ def unpack(data: any_pb2.Any) -> str:
     value = wrappers_pb2.StringValue()
     data.Unpack(value)
     return value.value
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def no_early(payload: any_pb2.Any) -> None:

@@ -16,6 +16,7 @@ from bson.errors import InvalidDocument
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from handler_host.errors import RetryableError, SettingsError
+from handler_host.fakes import LineSink
 from handler_host.services import (
     Measurements,
     ServiceArgumentError,
@@ -26,7 +27,6 @@ from handler_host.services import (
     line_protocol,
     mask_uri,
 )
-from handler_host.services.influx_writer import WriterStats
 from handler_host.services.mongo import MongoStore, PredictionStore, prediction_document
 
 # A moment with microseconds, and its count in each precision since the epoch.
@@ -87,26 +87,6 @@ class FakeClient:
         return _Db()
 
 
-class FakeSink:
-    """Stands for the BatchWriter: keeps (precision, line) pairs."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def submit(self, precision: str, line: str) -> None:
-        self.lines.append((precision, line))
-
-    def flush(self, timeout_s: float) -> bool:
-        return True
-
-    def close(self, timeout_s: float) -> None:
-        pass
-
-    @property
-    def stats(self) -> WriterStats:
-        return WriterStats(len(self.lines), 0, 0, 0, 0, len(self.lines))
-
-
 def db(client: FakeClient | None = None, timeout_s: float = 5.0) -> MongoStore:
     return MongoStore(client or FakeClient(), "data", timeout_s)  # type: ignore[arg-type]
 
@@ -115,8 +95,8 @@ def prediction(client: FakeClient | None = None) -> PredictionStore:
     return PredictionStore(client or FakeClient(), "data", 5.0, "vid-1", "v1")  # type: ignore[arg-type]
 
 
-def measurements() -> tuple[Measurements, FakeSink]:
-    sink = FakeSink()
+def measurements() -> tuple[Measurements, LineSink]:
+    sink = LineSink()
     return Measurements(sink, version="v1", workflow="wf", node="n2"), sink
 
 
