@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo demo-serve test lint protos protos-check deploy-check bench clean
+.PHONY: venv demo demo-serve test lint typecheck protos protos-check deploy-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,13 +29,17 @@ demo: $(STAMP) $(VICTORIA)
 demo-serve: $(STAMP) $(VICTORIA)
 	$(BIN)/python -m deploy.local.demo --serve
 
-## The whole test suite (unit, gRPC level, integration, end to end).
-test: $(STAMP) $(VICTORIA)
+## Lint and type checks, then the whole test suite (unit, gRPC level, integration, end to end).
+test: lint typecheck $(VICTORIA)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## mypy on the project's own code (generated protobuf code excluded: see pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy sidecar handler_host
 
 protos: $(STAMP)
 	$(BIN)/python -m protos.generate

@@ -172,15 +172,13 @@ def test_handler_image_has_no_nats_client(pyproject) -> None:
     assert "nats-py" not in extras
 
 
-def test_sidecar_image_has_no_grpcio_nor_prometheus_client(pyproject) -> None:
-    # The sidecar's gRPC client is grpclib and it writes /metrics itself: grpcio's C core
-    # and prometheus_client would be a third of its memory.
-    build = " ".join(pip_lines(parse(SIDECAR.dockerfile)))
-    assert '-c "import grpc"' in build
+def test_sidecar_uses_the_hosts_grpc_stack(pyproject) -> None:
+    # One gRPC stack in the project: the sidecar's client is grpcio's, as the host's
+    # server is; no pure-Python HTTP/2 client beside it.
     extras = _closure(_requirements(pyproject["project"], SIDECAR.extra))
-    assert "grpclib" in extras
-    assert not {"grpcio", "grpcio-health-checking", "prometheus-client"} & extras
-    forbidden = {"grpc", "grpc_health", "prometheus_client"}
+    assert {"grpcio", "grpcio-health-checking"} <= extras
+    assert not {"grpclib", "h2", "hyperframe"} & extras
+    forbidden = {"grpclib", "h2", "hyperframe"}
     for path, module in _imports(SIDECAR.package):
         assert module.split(".")[0] not in forbidden, f"{path} imports {module}"
 

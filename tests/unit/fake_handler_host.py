@@ -2,8 +2,6 @@
 
 Each test passes `respond(delivery, emit)`: it is run once per Delivery and calls
 `emit(early_reply=...)` / `emit(result=...)` to write Events back on the stream.
-`FakeHandlerHost(batched=False)` is a host from before ProcessBatch: it answers that
-RPC UNIMPLEMENTED, as an older handler image does.
 """
 
 from __future__ import annotations
@@ -48,15 +46,20 @@ class _End(NamedTuple):
 
 
 class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
-    def __init__(self, respond: Respond = greet, batched: bool = True) -> None:
+    def __init__(self, respond: Respond = greet) -> None:
         self.respond = respond
-        self.batched = batched
         self.deliveries: list[runner_pb2.Delivery] = []
         self.streams = 0
         self._outs: set[asyncio.Queue[Any]] = set()
         # Set to hold ProcessBatch's headers back until the event is set (or forever).
         self.headers_held: asyncio.Event | None = None
+        # Set to refuse ProcessBatch streams with this status, as a host shutting down does.
+        self.refusal: _End | None = None
         self.batch_streams_asked = 0
+
+    def refuse_streams(self, code: grpc.StatusCode | None, details: str = "") -> None:
+        """Refuse new ProcessBatch streams with this status; None: take them again."""
+        self.refusal = None if code is None else _End(code, details)
 
     def end_streams(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
         """End every open stream: OK (code None), or with this status."""
@@ -102,8 +105,8 @@ class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
         self, request_iterator: AsyncIterator[runner_pb2.DeliveryBatch], context: Any
     ) -> AsyncIterator[runner_pb2.EventBatch]:
         self.batch_streams_asked += 1
-        if not self.batched:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        if self.refusal is not None:
+            await context.abort(self.refusal.code, self.refusal.details)
         if self.headers_held is not None:
             await self.headers_held.wait()
         await context.send_initial_metadata(())
@@ -117,23 +120,13 @@ class FakeHandlerHost(runner_pb2_grpc.HandlerHostServicer):
             yield runner_pb2.EventBatch(events=[event])
 
 
-class CheckOnlyHealth(health.aio.HealthServicer):
-    """A health service without Watch, as some gRPC servers have."""
-
-    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
-        yield  # an async generator, as grpc expects of a streaming method
-
-
 class RunningHost:
     """A started fake host: its server, its health servicer and the servicer itself."""
 
-    def __init__(
-        self, address: str, host: FakeHandlerHost, health_servicer: Any | None = None
-    ) -> None:
+    def __init__(self, address: str, host: FakeHandlerHost) -> None:
         self.address = address
         self.host = host
-        self.health = health_servicer or health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server()
         runner_pb2_grpc.add_HandlerHostServicer_to_server(host, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -7,20 +7,19 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
-from sidecar import channel as channel_module
+from sidecar import framing
 from sidecar.channel import HandlerChannel
 from sidecar.errors import HandlerUnavailable
 from tests.unit.fake_handler_host import (
-    CheckOnlyHealth,
     Emit,
     FakeHandlerHost,
     Respond,
@@ -29,16 +28,7 @@ from tests.unit.fake_handler_host import (
     packed,
     text_of,
 )
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition until it holds, failing after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+from tests.waiting import eventually
 
 
 def delivery(text: str) -> runner_pb2.Delivery:
@@ -61,18 +51,8 @@ def address() -> Iterator[str]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-StartHost = Callable[..., Awaitable[RunningHost]]
-
-
-@pytest.fixture(params=[True, False], ids=["ProcessBatch", "Process"])
-def started(request: pytest.FixtureRequest) -> StartHost:
-    """Start a fake host: one with ProcessBatch, and one from before it."""
-
-    async def start(address: str, respond: Respond = greet, serving: bool = True) -> RunningHost:
-        host = FakeHandlerHost(respond, batched=request.param)
-        return await RunningHost(address, host).start(serving)
-
-    return start
+async def started(address: str, respond: Respond = greet, serving: bool = True) -> RunningHost:
+    return await RunningHost(address, FakeHandlerHost(respond)).start(serving)
 
 
 @pytest.fixture
@@ -83,9 +63,7 @@ async def channel(address: str) -> AsyncIterator[HandlerChannel]:
     await chan.close()
 
 
-async def test_a_call_returns_the_result(
-    started: StartHost, address: str, channel: HandlerChannel
-) -> None:
+async def test_a_call_returns_the_result(address: str, channel: HandlerChannel) -> None:
     host = await started(address)
     try:
         await asyncio.wait_for(channel.wait_ready(), 5)
@@ -97,15 +75,21 @@ async def test_a_call_returns_the_result(
 
 
 async def test_interleaved_events_are_routed_by_delivery_id(
-    started: StartHost, address: str, channel: HandlerChannel
+    address: str, channel: HandlerChannel
 ) -> None:
-    async def slower_first(d: runner_pb2.Delivery, emit: Emit) -> None:
+    # Each delivery answers only once every later one has: the Results come back in the
+    # reverse order of the calls, after all the early replies.
+    answered = [asyncio.Event() for _ in range(31)]
+    answered[30].set()
+
+    async def last_first(d: runner_pb2.Delivery, emit: Emit) -> None:
         n = int(text_of(d.message.payload))
         await emit(early_reply=packed(f"early {n}"))
-        await asyncio.sleep(0.002 * (30 - n))  # later deliveries answer first
+        await answered[n + 1].wait()
         await emit(result=runner_pb2.Result(payload=packed(f"result {n}")))
+        answered[n].set()
 
-    host = await started(address, slower_first)
+    host = await started(address, last_first)
     try:
         await asyncio.wait_for(channel.wait_ready(), 5)
         early: dict[int, list[str]] = {n: [] for n in range(30)}
@@ -117,7 +101,7 @@ async def test_interleaved_events_are_routed_by_delivery_id(
             result = await channel.call(delivery(str(n)), on_early)
             return text_of(result.payload)
 
-        results = await asyncio.gather(*(one(n) for n in range(30)))
+        results = await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(30))), 10)
         assert results == [f"result {n}" for n in range(30)]
         assert early == {n: [f"early {n}"] for n in range(30)}
         assert host.host.streams == 1  # one long-lived stream carried them all
@@ -127,7 +111,7 @@ async def test_interleaved_events_are_routed_by_delivery_id(
 
 
 async def test_early_replies_come_in_order_before_the_result(
-    started: StartHost, address: str, channel: HandlerChannel
+    address: str, channel: HandlerChannel
 ) -> None:
     async def three_early(d: runner_pb2.Delivery, emit: Emit) -> None:
         for i in range(3):
@@ -151,7 +135,7 @@ async def test_early_replies_come_in_order_before_the_result(
 
 
 async def test_host_going_away_fails_pending_calls_then_recovers(
-    started: StartHost, address: str, channel: HandlerChannel
+    address: str, channel: HandlerChannel
 ) -> None:
     async def hang(d: runner_pb2.Delivery, emit: Emit) -> None:
         await asyncio.Event().wait()
@@ -178,25 +162,31 @@ async def test_host_going_away_fails_pending_calls_then_recovers(
         await again.stop()
 
 
+async def test_no_host_says_why_in_the_status(channel: HandlerChannel) -> None:
+    await eventually(lambda: channel.status != "waiting for the handler host")
+    assert channel.status.startswith("UNAVAILABLE: ")
+    assert not channel.serving and not channel.ready
+
+
 async def test_not_ready_until_the_host_reports_serving(
-    started: StartHost, address: str, channel: HandlerChannel
+    address: str, channel: HandlerChannel
 ) -> None:
     host = await started(address, serving=False)
     try:
-        await eventually(lambda: channel.status != "waiting for the handler host")
+        await eventually(lambda: channel.status == "NOT_SERVING")
         assert not channel.serving and not channel.ready
         await host.set_serving(True)
         await asyncio.wait_for(channel.wait_ready(), 5)
-        assert channel.serving
+        assert channel.serving and channel.status == "serving"
         await host.set_serving(False)
         await eventually(lambda: not channel.serving)
-        assert not channel.ready
+        assert not channel.ready and channel.status == "NOT_SERVING"
     finally:
         await host.stop()
 
 
 async def test_not_serving_keeps_the_open_stream_for_in_flight_calls(
-    started: StartHost, address: str, channel: HandlerChannel
+    address: str, channel: HandlerChannel
 ) -> None:
     release = asyncio.Event()
 
@@ -218,7 +208,28 @@ async def test_not_serving_keeps_the_open_stream_for_in_flight_calls(
         await host.stop()
 
 
-async def test_close_fails_pending_calls(started: StartHost, address: str) -> None:
+async def test_a_refused_stream_is_said_and_asked_again(
+    address: str, channel: HandlerChannel, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = await started(address)
+    host.host.refuse_streams(grpc.StatusCode.UNAVAILABLE, "host says: shutting down")
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidecar.channel"):
+            await eventually(lambda: host.host.batch_streams_asked >= 2)
+        assert channel.serving and not channel.ready
+        assert channel.status == "handler stream not open"
+        assert (
+            "ProcessBatch stream to the handler host closed: UNAVAILABLE: host says: "
+            "shutting down" in caplog.text
+        )
+        host.host.refuse_streams(None)
+        await asyncio.wait_for(channel.wait_ready(), 5)
+        assert text_of((await channel.call(delivery("in"), no_early_reply)).payload) == "hello in"
+    finally:
+        await host.stop()
+
+
+async def test_close_fails_pending_calls(address: str) -> None:
     async def hang(d: runner_pb2.Delivery, emit: Emit) -> None:
         await asyncio.Event().wait()
 
@@ -230,15 +241,14 @@ async def test_close_fails_pending_calls(started: StartHost, address: str) -> No
         call = asyncio.create_task(chan.call(delivery("x"), no_early_reply))
         await eventually(lambda: len(host.host.deliveries) == 1)
         await chan.close()
-        with pytest.raises(HandlerUnavailable):
+        with pytest.raises(HandlerUnavailable, match="the channel is closed"):
             await asyncio.wait_for(call, 5)
+        assert not chan.serving and not chan.ready and chan.status == "channel closed"
     finally:
         await host.stop()
 
 
-async def test_tcp_address_works_too(
-    started: StartHost,
-) -> None:
+async def test_tcp_address_works_too() -> None:
     host = await started("127.0.0.1:0")
     chan = HandlerChannel(host.target)
     await chan.start()
@@ -251,9 +261,7 @@ async def test_tcp_address_works_too(
         await host.stop()
 
 
-async def test_a_host_that_sends_no_result_in_time_counts_as_unreachable(
-    started: StartHost, address: str
-) -> None:
+async def test_a_host_that_sends_no_result_in_time_counts_as_unreachable(address: str) -> None:
     async def never(d: runner_pb2.Delivery, emit: Emit) -> None:
         await asyncio.Event().wait()
 
@@ -272,39 +280,23 @@ async def test_a_host_that_sends_no_result_in_time_counts_as_unreachable(
         await host.stop()
 
 
-async def test_an_older_host_without_process_batch_gets_process(
-    address: str, channel: HandlerChannel, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="sidecar.channel")
-    fake = FakeHandlerHost(batched=False)
-    host = await RunningHost(address, fake).start()
-    try:
-        await asyncio.wait_for(channel.wait_ready(), 5)
-        results = await asyncio.gather(
-            *(channel.call(delivery(f"n{i}"), no_early_reply) for i in range(5))
-        )
-    finally:
-        await host.stop()
-
-    assert [text_of(r.payload) for r in results] == [f"hello n{i}" for i in range(5)]
-    assert fake.streams == 1  # the Process stream: ProcessBatch was refused, no retries
-    assert "has no ProcessBatch" in caplog.text
+def queued(*items: runner_pb2.Delivery) -> asyncio.Queue[framing.Request | None]:
+    requests: asyncio.Queue[framing.Request | None] = asyncio.Queue()
+    for item in items:
+        requests.put_nowait(framing.request(item))
+    requests.put_nowait(None)
+    return requests
 
 
 async def test_queued_deliveries_go_out_as_one_batch_under_the_byte_cap() -> None:
-    requests: asyncio.Queue[channel_module._Request | None] = asyncio.Queue()
     small = [delivery(f"s{i}") for i in range(3)]
-    big = runner_pb2.Delivery(id=9, subject="x" * (channel_module.BATCH_BYTES - 100))
+    big = runner_pb2.Delivery(id=9, subject="x" * (framing.BATCH_BYTES - 100))
     for i, item in enumerate(small, start=1):
         item.id = i
-    for item in (*small, big, small[0]):
-        data = item.SerializeToString()
-        requests.put_nowait(channel_module._Request(len(data), (data,)))
-    requests.put_nowait(None)
 
+    requests = queued(*small, big, small[0])
     batches = [
-        runner_pb2.DeliveryBatch.FromString(data)
-        async for data in channel_module._batches(requests)
+        runner_pb2.DeliveryBatch.FromString(data) async for data in framing.batches(requests)
     ]
 
     # The three small ones together; the big one would pass the cap: it goes alone,
@@ -313,8 +305,37 @@ async def test_queued_deliveries_go_out_as_one_batch_under_the_byte_cap() -> Non
     assert batches[0].deliveries[2] == small[2]
 
 
+async def test_a_batch_counts_the_framing_of_each_delivery() -> None:
+    requests = queued(*(runner_pb2.Delivery(id=n + 1, subject="s" * 200) for n in range(10)))
+    cap = 1000
+
+    sizes = [len(data) async for data in framing.batches(requests, cap)]
+
+    assert sum(sizes) > cap and all(size <= cap for size in sizes), sizes
+
+
+def test_an_envelope_framed_as_bytes_parses_as_the_delivery_message() -> None:
+    envelope = KreNatsMessage(tracking_id="t", payload=packed("x" * 300))  # a 2-byte length
+    head = runner_pb2.Delivery(id=3, subject="in", stream_sequence=7)
+
+    request = framing.request(head, envelope.SerializeToString())
+
+    expected = runner_pb2.Delivery(id=3, subject="in", stream_sequence=7, message=envelope)
+    assert runner_pb2.Delivery.FromString(b"".join(request.parts)) == expected
+    assert request.size == expected.ByteSize()
+
+
+def test_framing_tags_are_the_descriptors_fields() -> None:
+    # A field renumbered in runner.proto changes the tags; a scalar cannot be framed so.
+    fields = runner_pb2.DeliveryBatch.DESCRIPTOR.fields_by_name
+    assert framing.DELIVERIES_TAG == framing.varint(fields["deliveries"].number << 3 | 2)
+    with pytest.raises(TypeError, match="not a message field"):
+        framing.field_tag(runner_pb2.Delivery.DESCRIPTOR.fields_by_name["id"])
+    assert framing.varint(300) == b"\xac\x02"
+
+
 async def test_an_envelope_given_as_bytes_arrives_as_the_delivery_message(
-    started: StartHost, address: str, channel: HandlerChannel
+    address: str, channel: HandlerChannel
 ) -> None:
     seen: list[runner_pb2.Delivery] = []
 
@@ -337,7 +358,7 @@ async def test_an_envelope_given_as_bytes_arrives_as_the_delivery_message(
     assert (got.subject, got.stream_sequence, got.attempt) == ("in", 7, 2)
 
 
-async def test_batches_stay_under_the_grpc_message_limit(started: StartHost, address: str) -> None:
+async def test_batches_stay_under_the_grpc_message_limit(address: str) -> None:
     # 16 deliveries whose bytes just fit in the 1 MiB limit, but not with their framing.
     limit = 1024 * 1024
     chan = HandlerChannel(address, max_message_bytes=limit)
@@ -365,74 +386,30 @@ async def test_batches_stay_under_the_grpc_message_limit(started: StartHost, add
     assert [text_of(r.payload) for r in results] == [f"hello {n:02d}" for n in range(16)]
 
 
-async def test_a_batch_counts_the_framing_of_each_delivery() -> None:
-    requests: asyncio.Queue[channel_module._Request | None] = asyncio.Queue()
-    for n in range(10):
-        data = runner_pb2.Delivery(id=n + 1, subject="s" * 200).SerializeToString()
-        requests.put_nowait(channel_module._Request(len(data), (data,)))
-    requests.put_nowait(None)
-    cap = 1000
+async def test_a_result_over_the_message_limit_fails_the_stream(address: str) -> None:
+    # The channel's receive limit is KRT_GRPC_MAX_MESSAGE_BYTES, whatever the host sends.
+    limit = 64 * 1024
 
-    sizes = [len(data) async for data in channel_module._batches(requests, cap)]
+    async def too_big(d: runner_pb2.Delivery, emit: Emit) -> None:
+        payload = any_pb2.Any()
+        payload.Pack(wrappers_pb2.BytesValue(value=b"x" * limit))
+        await emit(result=runner_pb2.Result(payload=payload))
 
-    assert sum(sizes) > cap and all(size <= cap for size in sizes), sizes
-
-
-async def test_a_host_without_health_watch_is_polled_with_check(address: str) -> None:
-    host = await RunningHost(address, FakeHandlerHost(), CheckOnlyHealth()).start()
-    chan = HandlerChannel(address)
+    host = await started(address, too_big)
+    chan = HandlerChannel(address, max_message_bytes=limit)
     await chan.start()
     try:
         await asyncio.wait_for(chan.wait_ready(), 5)
-        assert text_of((await chan.call(delivery("polled"), no_early_reply)).payload) == (
-            "hello polled"
-        )
-        await host.set_serving(False)  # seen at the next Check, a second later
-        await eventually(lambda: not chan.serving, timeout=5)
-        assert chan.status == "NOT_SERVING"
+        with pytest.raises(HandlerUnavailable) as info:
+            await asyncio.wait_for(chan.call(delivery("x"), no_early_reply), 5)
+        assert info.value.reason.startswith("RESOURCE_EXHAUSTED: ")
     finally:
         await chan.close()
         await host.stop()
 
 
-async def test_the_health_messages_live_beside_grpc_health() -> None:
-    # The sidecar's own copies of grpc.health.v1's messages share no descriptor pool with
-    # grpcio's (both are loaded here): the same bytes on the wire, no clash of names.
-    from grpc_health.v1 import health_pb2
-
-    ours = channel_module.HealthCheckRequest(service="kre.runner.v1.HandlerHost")
-    theirs = health_pb2.HealthCheckRequest.FromString(ours.SerializeToString())
-    assert theirs.service == "kre.runner.v1.HandlerHost"
-    wire = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-    assert channel_module.HealthCheckResponse.FromString(wire.SerializeToString()).status == 2
-
-
-@pytest.mark.parametrize("size", [0, 1, 10, 11, 100_000])
-def test_a_data_frame_shows_as_hyperframe_shows_it(size: int) -> None:
-    # h2 formats each frame it receives, logging or not; the sidecar's DATA frame repr
-    # reads 11 bytes instead of hex-encoding the whole body, and says the same.
-    import hyperframe.frame
-
-    assert hyperframe.frame.DataFrame._body_repr is channel_module._data_frame_body_repr
-    frame = hyperframe.frame.DataFrame(
-        1, data=bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    )
-    assert frame._body_repr() == hyperframe.frame._raw_data_repr(frame.serialize_body())
-
-
-def test_a_data_frame_repr_reads_no_more_than_its_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hyperframe.frame
-
-    def whole_body(frame: object) -> bytes:
-        raise AssertionError("the whole body was serialized for a repr")
-
-    monkeypatch.setattr(hyperframe.frame.DataFrame, "serialize_body", whole_body)
-    frame = hyperframe.frame.DataFrame(1, data=b"\x01" * 65536)
-    assert repr(frame).endswith("<hex:01010101010101010101...>")
-
-
 async def test_the_host_ending_the_stream_fails_pending_calls_and_is_said(
-    started: StartHost, address: str, caplog: pytest.LogCaptureFixture
+    address: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     never = asyncio.Event()
 
@@ -447,14 +424,14 @@ async def test_the_host_ending_the_stream_fails_pending_calls_and_is_said(
         call = asyncio.create_task(chan.call(delivery("held"), no_early_reply))
         await eventually(lambda: len(host.host.deliveries) == 1)
         with caplog.at_level(logging.WARNING, logger="sidecar.channel"):
-            host.host.end_streams()  # OK trailers (grpcio then resets the stream)
+            host.host.end_streams()  # OK trailers
             with pytest.raises(HandlerUnavailable) as info:
                 await asyncio.wait_for(call, 5)
         assert info.value.reason == "the handler host ended the stream"
         assert "stream to the handler host closed: the handler host ended the stream" in (
             caplog.text
         )
-        await eventually(lambda: host.host.streams == 2)  # and a new one is opened
+        await eventually(lambda: host.host.streams == 2 and chan.ready)  # and a new one opens
         call = asyncio.create_task(chan.call(delivery("held again"), no_early_reply))
         await eventually(lambda: len(host.host.deliveries) == 2)
         host.host.end_streams(grpc.StatusCode.UNAVAILABLE, "host says: shutting down")
@@ -467,30 +444,38 @@ async def test_the_host_ending_the_stream_fails_pending_calls_and_is_said(
         await host.stop()
 
 
-async def close_as_the_connection_drops(chan: HandlerChannel) -> None:
-    """The connection is lost, and close() runs in the same loop iteration; it must end."""
-    await asyncio.sleep(0.2)  # both tasks parked inside their streams
+async def close_as_the_connection_drops(chan: HandlerChannel, host: RunningHost) -> None:
+    """The host goes away while close() runs; close() must end, and its tasks with it."""
     tasks = list(chan._tasks)
-    chan._channel._protocol.processor.close("Connection lost")  # type: ignore[union-attr]
-    async with asyncio.timeout(5):  # close() runs now, in this iteration (no new task)
+    stopping = asyncio.create_task(host.stop(0))
+    async with asyncio.timeout(5):
         await chan.close()
+        await stopping
     assert all(task.done() for task in tasks)
+    assert not chan.serving and not chan.ready
 
 
-async def test_close_ends_even_when_the_connection_drops_at_that_moment(
-    started: StartHost, address: str
-) -> None:
-    # grpclib turns the cancel of a task waiting on a stream into StreamTerminatedError
-    # when the connection is lost in the same loop iteration: the loops must still end.
+async def test_close_ends_even_when_the_connection_drops_at_that_moment(address: str) -> None:
     host = await started(address)
     chan = HandlerChannel(address)
     await chan.start()
-    try:
-        await asyncio.wait_for(chan.wait_ready(), 5)
-        await close_as_the_connection_drops(chan)
-        assert not chan.serving
-    finally:
-        await host.stop()
+    await asyncio.wait_for(chan.wait_ready(), 5)
+    await close_as_the_connection_drops(chan, host)
+
+
+async def test_close_ends_even_when_the_connection_drops_while_a_stream_opens(
+    address: str,
+) -> None:
+    # The stream task waits for the host's headers when the host goes away and close()
+    # cancels it: the stream loop must end too, not open another.
+    fake = FakeHandlerHost()
+    fake.headers_held = asyncio.Event()  # never set: the stream never opens
+    host = await RunningHost(address, fake).start()
+    chan = HandlerChannel(address)
+    await chan.start()
+    await eventually(lambda: chan.serving and fake.batch_streams_asked == 1)
+    await close_as_the_connection_drops(chan, host)
+    assert fake.batch_streams_asked == 1
 
 
 async def test_an_unreadable_answer_fails_the_call_and_the_stream_is_opened_again(
@@ -538,7 +523,7 @@ async def test_an_unreadable_answer_fails_the_call_and_the_stream_is_opened_agai
 
 @pytest.mark.parametrize("form", ["unix", "unix-abstract", "tcp"])
 def test_every_address_form_works_under_uvloop(form: str, address: str) -> None:
-    # The sidecar runs on uvloop, which cannot dial an abstract socket by its path.
+    # The sidecar runs on uvloop; grpc dials every form itself, the abstract one included.
     uvloop = pytest.importorskip("uvloop")
     targets = {
         "unix": address,
@@ -559,21 +544,3 @@ def test_every_address_form_works_under_uvloop(form: str, address: str) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(scenario()) == f"hello {form}"
-
-
-async def test_close_ends_even_when_the_connection_drops_while_a_stream_opens(
-    address: str,
-) -> None:
-    # The stream task waits for the host's headers when the connection drops and close()
-    # cancels it in the same iteration: the stream loop must end too, not open another.
-    fake = FakeHandlerHost()
-    fake.headers_held = asyncio.Event()  # never set: the stream never opens
-    host = await RunningHost(address, fake).start()
-    chan = HandlerChannel(address)
-    await chan.start()
-    try:
-        await eventually(lambda: chan.serving and fake.batch_streams_asked == 1)
-        await close_as_the_connection_drops(chan)
-        assert fake.batch_streams_asked == 1
-    finally:
-        await host.stop(0)
