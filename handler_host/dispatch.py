@@ -20,6 +20,13 @@ can use it; from a sync handler it raises EarlyReplyError.
   handler returns, and the host logs how many threads are held that way;
 - either way the message fails with ``handler timed out after Ns`` (not retryable).
 
+An async handler that blocks the event loop (``time.sleep``) cannot be timed out: no
+timer fires until it returns. ``handler_host.watchdog`` reports it, naming the delivery.
+A ``sys.exit()``, KeyboardInterrupt or other BaseException from user code, sync or
+async, with or without a timeout, is the delivery's Failure ("the handler called
+sys.exit(3)"); it never ends the host. Only ``os._exit`` (or a crash in native code)
+does: the sidecar then finds the message that did it (``sidecar.isolation``).
+
 A Result or early reply larger than ``KRT_GRPC_MAX_MESSAGE_BYTES`` would break the
 stream every message shares; it becomes a failure instead.
 
@@ -34,17 +41,28 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from handler_host.calling import (
+    Span,
+    being_cancelled,
+    call_async,
+    call_sync,
+    clock,
+    now,
+    stamp,
+    threadsafe,
+    wait_event,
+)
 from handler_host.context import Context, EmitEarly
 from handler_host.errors import (
     EarlyReplyError,
@@ -53,10 +71,14 @@ from handler_host.errors import (
     InvalidHandlerResult,
     NoFreeHandlerThread,
     ResultTooLarge,
+    UserExit,
     failure_of,
+    is_user_exit,
+    what_it_did,
 )
 from handler_host.loader import UserCode, is_async_callable
 from handler_host.logs import DeliveryTags, bind
+from handler_host.watchdog import InitProgress, LoopWatchdog, Running
 from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
@@ -85,14 +107,6 @@ class DispatchObserver:
         """The delivery's Result, final and stamped; None when the delivery was cancelled."""
 
 
-@dataclass(slots=True)
-class _Span:
-    """When the user code was entered and when it returned (or raised); 0 until set."""
-
-    start: int = 0
-    end: int = 0
-
-
 class Dispatcher:
     """Calls the user's ``init`` and ``handler`` with the right ctx, in the right place."""
 
@@ -117,6 +131,9 @@ class Dispatcher:
         self._handler_is_async = is_async_callable(user_code.handler)
         self._sync_calls: set[concurrent.futures.Future[Any]] = set()
         self._stuck: set[concurrent.futures.Future[Any]] = set()
+        # The tasks running an async handler, for the watchdog to name a blocking one.
+        self._running: dict[asyncio.Future[Any], Running] = {}
+        self._watchdog: LoopWatchdog | None = None
 
     @property
     def sync_calls_pending(self) -> int:
@@ -137,10 +154,16 @@ class Dispatcher:
         else:
             logger.info("running init(ctx)")
             try:
-                await self._call(init, (self.context,), is_async_callable(init), _Span())
-            except (Exception, SystemExit) as exc:
-                raise InitError(self.user_code.path, exc) from exc
+                with InitProgress():
+                    await self._call(init, (self.context,), is_async_callable(init), Span())
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # sys.exit() and KeyboardInterrupt too: one clear line
+                cause = exc.cause if isinstance(exc, UserExit) else exc
+                raise InitError(self.user_code.path, cause) from exc
             logger.info("init(ctx) finished")
+        if self._watchdog is None:
+            self._watchdog = LoopWatchdog(asyncio.get_running_loop(), self._running).start()
         seconds = time.perf_counter() - started
         for observer in self._observers:
             observer.init_finished(seconds)
@@ -169,7 +192,11 @@ class Dispatcher:
             replied=message.replied,
             emit_early=self._early_reply_sender(emit_early),
         )
-        span = _Span()
+        span = Span()
+        task = asyncio.current_task()
+        running = Running(delivery.id, delivery.stream_sequence, message.tracking_id, clock())
+        if task is not None and self._handler_is_async:
+            self._running[task] = running
         try:
             value = await self._call(
                 self.user_code.handler,
@@ -177,19 +204,21 @@ class Dispatcher:
                 self._handler_is_async,
                 span,
                 self.timeout,
+                running,
             )
             result = self._packed_result(value)
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
+            if being_cancelled():
                 raise
             result = self._failure_result(delivery, exc)  # raised by the handler itself
         except BaseException as exc:  # every ending becomes one Result
             result = self._failure_result(delivery, exc)
         finally:
             ctx.finish()
+            self._running.pop(task, None)  # type: ignore[arg-type]
         if ctx.exited_early:
             result.early_exit = True
-        _stamp(result, span)
+        stamp(result, span)
         return result
 
     def _early_reply_sender(self, emit_early: EmitEarly) -> EmitEarly:
@@ -227,21 +256,32 @@ class Dispatcher:
     ) -> runner_pb2.Result:
         """The Result for a handler that raised or timed out, logged."""
         failure = failure_of(exc)
-        where = (delivery.id, delivery.message.tracking_id)
-        if isinstance(exc, HandlerTimeout | NoFreeHandlerThread):
+        where = (delivery.id, delivery.stream_sequence, delivery.message.tracking_id)
+        if is_user_exit(exc):
+            cause = exc.cause if isinstance(exc, UserExit) else exc
+            logger.error(
+                "the handler %s on delivery %d (stream seq %d, tracking_id=%s): the message "
+                "fails, the host carries on",
+                what_it_did(cause),
+                *where,
+            )
+        elif isinstance(exc, HandlerTimeout | NoFreeHandlerThread):
             stuck = f"; {self.stuck_threads} sync handler thread(s) busy with timed-out calls"
             logger.error(
-                "%s on delivery %d, tracking_id=%s%s", exc, *where, stuck if self._stuck else ""
+                "%s on delivery %d (stream seq %d, tracking_id=%s)%s",
+                exc,
+                *where,
+                stuck if self._stuck else "",
             )
         elif failure.retryable:
             logger.info(
-                "handler asked for a retry (%s) on delivery %d, tracking_id=%s",
+                "handler asked for a retry (%s) on delivery %d (stream seq %d, tracking_id=%s)",
                 failure.type,
                 *where,
             )
         else:
             logger.error(
-                "handler raised %s on delivery %d, tracking_id=%s\n%s",
+                "handler raised %s on delivery %d (stream seq %d, tracking_id=%s)\n%s",
                 failure.type,
                 *where,
                 failure.traceback,
@@ -253,32 +293,34 @@ class Dispatcher:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         is_async: bool,
-        span: _Span,
+        span: Span,
         timeout: float = 0.0,
+        running: Running | None = None,
     ) -> Any:
+        track = None if running is None else functools.partial(self._track, running)
         if is_async:
-            span.start = _now()
+            span.start = now()
             try:
-                return await _call_async(fn, args, timeout)
+                return await call_async(fn, args, timeout, track)
             finally:
-                span.end = _now()
+                span.end = now()
         value = await self._run_in_thread(fn, args, span, timeout)
         if inspect.isawaitable(value):
             # A sync-looking callable that returned a coroutine (a decorator that hid
             # ``async def``): finish it on the loop.
-            value = await _call_async(lambda: value, (), timeout)
-            span.end = _now()
+            value = await call_async(lambda: value, (), timeout, track)
+            span.end = now()
         return value
 
     async def _run_in_thread(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], span: _Span, timeout: float
+        self, fn: Callable[..., Any], args: tuple[Any, ...], span: Span, timeout: float
     ) -> Any:
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
 
         def run() -> Any:
-            _threadsafe(loop, started.set)
-            return _call_sync(fn, args, span)
+            threadsafe(loop, started.set)
+            return call_sync(fn, args, span)
 
         # In a copy of this task's context: the delivery's log tags reach the thread too.
         work = self._executor.submit(contextvars.copy_context().run, run)
@@ -289,7 +331,7 @@ class Dispatcher:
         if not timeout:
             return await done
         try:
-            if not await _wait_event(started, timeout) and work.cancel():
+            if not await wait_event(started, timeout) and work.cancel():
                 raise NoFreeHandlerThread(timeout, self.stuck_threads)
             finished, _ = await asyncio.wait({done}, timeout=timeout)
         except asyncio.CancelledError:
@@ -299,6 +341,14 @@ class Dispatcher:
             self._hold(work, loop)
             raise HandlerTimeout(timeout)
         return done.result()
+
+    def _track(self, running: Running, task: asyncio.Future[Any]) -> None:
+        """The task now running a delivery's handler, for the watchdog, until it ends."""
+        self._running[task] = running
+        task.add_done_callback(self._untrack)
+
+    def _untrack(self, task: asyncio.Future[Any]) -> None:
+        self._running.pop(task, None)
 
     def _hold(self, work: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
         """Count a thread held by a timed-out sync handler until the handler returns."""
@@ -326,75 +376,4 @@ class Dispatcher:
                 time.monotonic() - since,
             )
 
-        work.add_done_callback(lambda f: _threadsafe(loop, released, f))
-
-
-async def _call_async(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> Any:
-    if not timeout:
-        return await fn(*args)
-    task = asyncio.ensure_future(fn(*args))
-    try:
-        finished, _ = await asyncio.wait({task}, timeout=timeout)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if finished:
-        return task.result()
-    # Not awaited: a handler that ignores the cancellation must not hold the Result back.
-    task.cancel()
-    task.add_done_callback(_retrieve)
-    raise HandlerTimeout(timeout)
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("a timed-out handler raised after its timeout: %r", task.exception())
-
-
-async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return event.is_set()
-    return True
-
-
-def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed: the host is exiting
-        pass
-
-
-def _call_sync(fn: Callable[..., Any], args: tuple[Any, ...], span: _Span) -> Any:
-    span.start = _now()
-    try:
-        return fn(*args)
-    finally:
-        span.end = _now()
-
-
-def _stamp(result: runner_pb2.Result, span: _Span) -> None:
-    end = span.end or _now()
-    _set(result.start, span.start or end)
-    _set(result.end, end)
-
-
-def _set(stamp: timestamp_pb2.Timestamp, nanos: int) -> None:
-    # Timestamp.FromNanoseconds without its range check (a clock reading is in range);
-    # FromDatetime goes through calendar.timegm, five times slower.
-    stamp.seconds, stamp.nanos = divmod(nanos, 1_000_000_000)
-
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _now() -> int:
-    """Wall-clock nanoseconds since the epoch, in whole microseconds.
-
-    Microseconds: what a datetime holds, and the sidecar's tracking entries and the
-    InfluxDB timing are datetimes; a Result's stamps keep six fractional digits.
-    """
-    return time.time_ns() // 1000 * 1000
+        work.add_done_callback(lambda f: threadsafe(loop, released, f))

@@ -139,15 +139,27 @@ class MissingHandlerError(RunnerError):
 
 
 class InitError(RunnerError):
-    """``init(ctx)`` raised; the host never reports SERVING."""
+    """``init(ctx)`` raised (or called ``sys.exit``); the host never reports SERVING."""
 
     def __init__(self, path: Path, exc: BaseException) -> None:
         self.path = path
         self.cause = exc
         self.traceback = format_user_traceback(exc)
-        super().__init__(
-            f"init(ctx) in {str(path)!r} raised {type(exc).__name__}: {exc}\n{self.traceback}"
-        )
+        super().__init__(f"init(ctx) in {str(path)!r} {what_it_did(exc)}\n{self.traceback}")
+
+
+class UserExit(RunnerError):
+    """User code raised a BaseException that is not an Exception (``sys.exit()``,
+    KeyboardInterrupt, GeneratorExit...), carried as an Exception.
+
+    Raised inside an asyncio task, such an exception would stop the host's event loop
+    and end the process with every message in flight; carried as this one it becomes
+    the delivery's Failure, and the host carries on. ``cause`` is the original.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(f"the handler {what_it_did(cause)}")
 
 
 class BindError(RunnerError):
@@ -231,10 +243,36 @@ def format_user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, shown))
 
 
-def failure_of(exc: BaseException) -> runner_pb2.Failure:
-    """The Failure for ``exc``; built even when the exception cannot be printed."""
+def what_it_did(exc: BaseException) -> str:
+    """What user code did, said as a sentence's verb: "called sys.exit(3)", "raised X: y"."""
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        shown = "" if code is None else repr(code)
+        return f"called sys.exit({shown})"
     try:
-        message = str(exc)
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide what happened
+        text = ""
+    return f"raised {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def is_user_exit(exc: BaseException) -> bool:
+    """A BaseException from user code that is not an Exception (nor a cancellation)."""
+    if isinstance(exc, UserExit):
+        return True
+    return not isinstance(exc, Exception | asyncio.CancelledError)
+
+
+def failure_of(exc: BaseException) -> runner_pb2.Failure:
+    """The Failure for ``exc``; built even when the exception cannot be printed.
+
+    A ``sys.exit(3)`` says so ("the handler called sys.exit(3)"), not just "3"; its type
+    is the original exception's (SystemExit), carried in a UserExit or not.
+    """
+    if isinstance(exc, UserExit):
+        exc = exc.cause
+    try:
+        message = str(exc) if isinstance(exc, Exception) else f"the handler {what_it_did(exc)}"
     except Exception:  # a broken __str__ must not lose the Result
         message = f"<{type(exc).__name__} whose str() raised>"
     try:

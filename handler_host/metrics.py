@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 from typing import Any
 
 from prometheus_client import (
@@ -28,10 +27,10 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 
 from handler_host.dispatch import DispatchObserver
+from handler_host.metrics_http import ScrapeServer
 from protos import runner_pb2
 
 logger = logging.getLogger(__name__)
@@ -138,12 +137,14 @@ def set_info(node: str, workflow: str, version: str, version_id: str) -> None:
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP in a daemon thread (prometheus_client's own server)."""
+    """``/metrics`` over HTTP from a daemon thread, its threads and connections bounded
+    (``handler_host.metrics_http``)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
-        self._server, self._thread = start_http_server(port, host, registry=REGISTRY)
-        self.port: int = self._server.server_port  # the bound port when given 0
+        self._server = ScrapeServer(REGISTRY, host, port)
+        self._server.start()
+        self.port: int = self._server.port  # the bound port when given 0
 
     @classmethod
     def start(cls, host: str, port: int) -> MetricsServer | None:
@@ -166,11 +167,5 @@ class MetricsServer:
         return server
 
     async def close(self) -> None:
-        """Stop serving (``shutdown`` waits for the serve loop: off the event loop)."""
-        await asyncio.to_thread(self._shutdown)
-
-    def _shutdown(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not threading.current_thread():
-            self._thread.join(5)
+        """Stop serving (``close`` waits for the server's thread: off the event loop)."""
+        await asyncio.to_thread(self._server.close)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from handler_host.loader import UserCode
 from handler_host.logs import with_call_metadata
 from handler_host.metrics import DeliveryMetrics
 from handler_host.process import ProcessStream
-from handler_host.settings import HostSettings
+from handler_host.settings import HostSettings, is_loopback_address
 from handler_host.timing import TimingRecorder
 from protos import runner_pb2, runner_pb2_grpc
 from protos.contract import BATCH_BYTES, SERVICE_NAME
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
 USER_THREAD_PREFIX = "kre-handler"  # the threads that run sync user code
+# Whoever can connect to the socket can run the handler: the owner and the group only.
+# The sidecar shares the group (the pod's fsGroup), not necessarily the user.
+SOCKET_MODE = 0o660
+SOCKET_FOLDER_MODE = 0o770
 
 
 class HandlerHostServicer(runner_pb2_grpc.HandlerHostServicer):
@@ -213,8 +218,10 @@ class HostServer:
 async def start_server(settings: HostSettings, user_code: UserCode, context: Context) -> HostServer:
     """Bind ``settings.handler_address`` and start serving, health NOT_SERVING.
 
-    For a Unix socket the parent folder is created and a stale socket file removed.
-    A TCP address may use port 0 (tests): ``HostServer.port`` is the bound port.
+    For a Unix socket the parent folder is created (owner and group only) and a stale
+    socket file removed; the socket is for the owner and the group only. A TCP address
+    may use port 0 (tests): ``HostServer.port`` is the bound port. One that is not
+    loopback (KRT_HANDLER_ALLOW_PUBLIC=true) is said in a warning.
     """
     executor = ThreadPoolExecutor(
         max_workers=settings.handler_threads, thread_name_prefix=USER_THREAD_PREFIX
@@ -246,8 +253,11 @@ async def start_server(settings: HostSettings, user_code: UserCode, context: Con
 
     address = settings.handler_address
     try:
-        _prepare_unix_socket(address)
+        socket_path = _prepare_unix_socket(address)
         port = server.add_insecure_port(address)
+        if socket_path is not None:
+            # Made by the bind with the umask's mode; nothing is served before start().
+            os.chmod(socket_path, SOCKET_MODE)
     except (OSError, RuntimeError) as exc:
         executor.shutdown(wait=False)
         raise BindError(address, str(exc)) from exc
@@ -255,18 +265,38 @@ async def start_server(settings: HostSettings, user_code: UserCode, context: Con
     if address.startswith("unix"):
         port = 0  # add_insecure_port answers 1 for a Unix socket
     logger.info("gRPC server listening on %s, health NOT_SERVING", address)
+    if not is_loopback_address(address):
+        logger.warning(
+            "KRT_HANDLER_ALLOW_PUBLIC=true: the handler host listens on %s, beyond this "
+            "machine, with no authentication or TLS: whoever reaches that port can run the "
+            "handler on any input and read its answers; allow only the sidecar to it "
+            "(a NetworkPolicy), or use a Unix socket",
+            address,
+        )
     return HostServer(server, servicer, health, dispatcher, executor, address, port)
 
 
-def _prepare_unix_socket(address: str) -> None:
+def _prepare_unix_socket(address: str) -> Path | None:
+    """The socket file's path, its folder made when missing; None for another address.
+
+    A folder made here gets SOCKET_FOLDER_MODE whatever the umask. An existing folder
+    is left as it is: it may be shared (/tmp) or not ours to change (the kubelet's
+    emptyDir), and the socket's own mode is what keeps others from connecting.
+    """
     if not address.startswith("unix:"):
-        return
+        return None
     path = Path(address.removeprefix("unix:").removeprefix("//"))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Under a setgid folder (the emptyDir with fsGroup) the new one is setgid too, so
+        # the socket gets the shared group: keep that bit.
+        inherited = path.parent.stat().st_mode & stat.S_ISGID
+        os.chmod(path.parent, SOCKET_FOLDER_MODE | inherited)
     if path.is_socket():
         # Left by a previous run of this container: binding would fail with "in use".
         logger.info("removing stale socket file %s", path)
         os.unlink(path)
+    return path
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:

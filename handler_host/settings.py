@@ -20,6 +20,9 @@ REQUIRED = ("KRT_BASE_PATH", "KRT_HANDLER_PATH")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _SECRET_QUERY_KEYS = ("password", "token", "secret")
+# KRT_HANDLER_TIMEOUT's range, the same in the sidecar (sidecar/settings.py): 0 is
+# "no limit", so an infinite timeout is refused by both processes.
+MAX_HANDLER_TIMEOUT = 24 * 3600.0
 _T = TypeVar("_T")
 
 
@@ -86,7 +89,10 @@ class HostSettings:
                 "KRT_SHUTDOWN_GRACE", 20.0, _non_negative_float, "seconds, a number >= 0"
             ),
             handler_timeout=reader.parse(
-                "KRT_HANDLER_TIMEOUT", 0.0, _non_negative_float, "seconds, a number >= 0 (0: none)"
+                "KRT_HANDLER_TIMEOUT",
+                0.0,
+                _handler_timeout,
+                f"0 (no limit) or seconds up to {MAX_HANDLER_TIMEOUT:g}",
             ),
             log_level=reader.parse(
                 "KRT_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL"
@@ -240,6 +246,13 @@ def _positive_int(raw: str) -> int:
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if not value >= 0:  # also refuses NaN
+        raise ValueError(raw)
+    return value
+
+
+def _handler_timeout(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= MAX_HANDLER_TIMEOUT:  # also refuses NaN and inf
         raise ValueError(raw)
     return value
 

@@ -2,10 +2,12 @@
 
 Before it fetches, the consumer loop (`sidecar.consumer`) creates the durable pull
 consumer, or updates an existing one to the sidecar's settings (`ensure_consumer`), then
-checks that streams capture the subjects the sidecar publishes to (`check_subjects`).
-What stops it is typed and says what to do: ConsumerConflict when the server will not
-turn an existing consumer (KRE's own push consumer, say) into the one the sidecar needs,
-SubjectNotCaptured when some messages could never end. The loop retries both, so an
+checks that the node's stream captures its inputs and that streams capture the subjects
+the sidecar publishes to (`check_subjects`). What stops it is typed and says what to do:
+ConsumerConflict when the server will not turn an existing consumer (KRE's own push
+consumer, say) into the one the sidecar needs, or when the consumer reads another input
+(ConsumerTakenByAnotherInput: another node with the same durable name), and
+SubjectNotCaptured when some messages could never arrive or never end. The loop retries both, so an
 operator's fix is picked up without a restart. Kept apart from the loop: these are
 questions to JetStream about streams and consumers, asked at each bind, not per message.
 """
@@ -18,7 +20,14 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, RetentionPolicy
 
-from sidecar.errors import PUBLISH_ERRORS, ConsumerConflict, SubjectNotCaptured, describe
+from sidecar.errors import (
+    PUBLISH_ERRORS,
+    ConsumerConflict,
+    ConsumerTakenByAnotherInput,
+    InputNotCaptured,
+    SubjectNotCaptured,
+    describe,
+)
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
@@ -62,12 +71,23 @@ def consumer_config(settings: SidecarSettings) -> ConsumerConfig:
 async def ensure_consumer(js: JetStreamContext, settings: SidecarSettings) -> None:
     """Create the durable consumer, or update an existing one to our settings.
 
-    The server refuses some updates (push to pull, deliver, ack or replay policy) and
-    then changes nothing at all: such a consumer is not ours to use, and
-    ConsumerConflict says how it differs and what to do.
+    An existing consumer with another filter is left alone: the server would re-point it
+    to our input without a word, taking it from the node (same KRT_NATS_DURABLE) that
+    reads it; ConsumerTakenByAnotherInput says so. The server refuses some updates (push
+    to pull, deliver, ack or replay policy) and then changes nothing at all: such a
+    consumer is not ours to use either, and ConsumerConflict says how it differs and
+    what to do.
     """
     stream, durable = settings.nats_stream, settings.durable
     config = consumer_config(settings)
+    try:
+        existing = await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        pass  # created below (or the stream is missing, which add_consumer says)
+    else:
+        theirs, ours = _filters(existing.config), _filters(config)
+        if set(theirs) != set(ours):
+            raise ConsumerTakenByAnotherInput(stream, durable, theirs, ours)
     try:
         await js.add_consumer(stream, config=config)
         return
@@ -95,14 +115,21 @@ async def consumer_gone(js: JetStreamContext, settings: SidecarSettings) -> bool
 
 
 async def check_subjects(js: JetStreamContext, settings: SidecarSettings, warned: Warned) -> None:
-    """Check that streams capture the subjects the sidecar publishes to.
+    """Check that the node's stream captures its inputs, and streams what it publishes.
 
-    No stream for the dead-letter or the entrypoint subject: some messages could never
-    end, so the sidecar does not fetch (SubjectNotCaptured). No stream for the output
-    subject: a warning. The node's stream is looked at first, then JetStream is asked.
+    An input the node's stream does not capture: the consumer, which reads only that
+    stream, would wait forever for messages stored elsewhere or nowhere, looking ready
+    (InputNotCaptured). No stream for the dead-letter or the entrypoint subject: some
+    messages could never end (SubjectNotCaptured). Either way the sidecar does not
+    fetch. No stream for the output subject: a warning. The node's stream is looked at
+    first, then JetStream is asked.
     """
     info = await js.stream_info(settings.nats_stream)
     own = list(info.config.subjects or [])
+    for subject in settings.nats_inputs:
+        if not any(subject_matches(pattern, subject) for pattern in own):
+            elsewhere = await _capturing_stream(js, subject, settings.nats_stream, own)
+            raise InputNotCaptured(subject, settings.nats_stream, own, elsewhere)
     for variable, subject in (
         ("KRT_NATS_DLQ_SUBJECT", settings.dlq_subject),
         ("KRT_NATS_ENTRYPOINT_SUBJECT", settings.entrypoint_subject),

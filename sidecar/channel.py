@@ -53,6 +53,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class HostLost(HandlerUnavailable):
+    """The delivery was in the handler host when it failed: died, broke the stream, or
+    sent no Result in time. The delivery may be what failed it (`sidecar.isolation`)."""
+
+
 class HandlerChannel:
     """The connection to the handler host. `start()` it, `call()` it, `close()` it."""
 
@@ -71,6 +76,10 @@ class HandlerChannel:
         self._ready = asyncio.Event()
         self._requests: asyncio.Queue[Request | None] | None = None
         self._pending: dict[int, _Call] = {}
+        # Deliveries given up on (no Result in time) that the host may still be running.
+        self._abandoned: set[int] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._heard = False  # any health answer or failure seen yet
@@ -93,6 +102,21 @@ class HandlerChannel:
     async def wait_ready(self) -> bool:
         """Wait until calls can be made; always True (a value, for `wait_for` style use)."""
         return await self._ready.wait()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no delivery of ours runs in the host; False after `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return self._idle.is_set()
+        return True
+
+    def _update_idle(self) -> None:
+        if self._pending or self._abandoned:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
     async def start(self) -> None:
         channel = grpc.aio.insecure_channel(
@@ -140,6 +164,7 @@ class HandlerChannel:
         delivery.id = next(self._ids)
         events = _Call()
         self._pending[delivery.id] = events
+        self._idle.clear()
         requests.put_nowait(request(delivery, message))
         try:
             if self._result_timeout is None:  # the default: no timer to set and cancel
@@ -150,17 +175,21 @@ class HandlerChannel:
             if self._result_timeout is None or not deadline.expired():
                 raise
             log.warning(
-                "no Result for delivery %d (stream seq %d) within %.0fs: the handler host "
-                "does not answer (see KRT_HANDLER_TIMEOUT)",
+                "no Result for delivery %d (stream seq %d) within %.0fs: the "
+                "handler host does not answer; KRT_HANDLER_TIMEOUT cannot stop a handler "
+                "that blocks the host's event loop or never returns (see its log)",
                 delivery.id,
                 delivery.stream_sequence,
                 self._result_timeout,
             )
-            raise HandlerUnavailable(
+            if self._requests is requests:  # still on the stream: the host may run it yet
+                self._abandoned.add(delivery.id)
+            raise HostLost(
                 f"no result from the handler host within {self._result_timeout:g}s"
             ) from None
         finally:
             self._pending.pop(delivery.id, None)
+            self._update_idle()
 
     # Health
 
@@ -239,15 +268,23 @@ class HandlerChannel:
     def _route(self, event: runner_pb2.Event) -> None:
         events = self._pending.get(event.delivery_id)
         if events is None:
+            if event.WhichOneof("kind") == "result" and event.delivery_id in self._abandoned:
+                self._abandoned.discard(event.delivery_id)
+                self._update_idle()
+                log.info("late Result for delivery %d: the host is done with it", event.delivery_id)
+                return
             # Its caller gave up (shutdown): the result has nowhere to go.
             log.debug("event for delivery %d that nobody waits for", event.delivery_id)
             return
         events.put(event)
 
     def _fail_pending(self, why: str) -> None:
-        error = HandlerUnavailable(why)
+        error = HostLost(why)
         for events in self._pending.values():
             events.put(error)
+        # The stream is gone: the host cancels what ran on it, or has died.
+        self._abandoned.clear()
+        self._update_idle()
 
 
 class _Call:
@@ -274,8 +311,9 @@ class _Call:
 async def _result(events: _Call, on_early_reply: EarlyReplyCallback) -> runner_pb2.Result:
     while True:
         item = await events.get()
-        if isinstance(item, HandlerUnavailable):
-            raise HandlerUnavailable(item.reason)  # one instance per caller
+        if isinstance(item, HandlerUnavailable):  # one instance per caller
+            lost = isinstance(item, HostLost)
+            raise HostLost(item.reason) if lost else HandlerUnavailable(item.reason)
         if item.WhichOneof("kind") == "result":
             return item.result
         await on_early_reply(item.early_reply)

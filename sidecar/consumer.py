@@ -26,10 +26,13 @@ from sidecar import metrics
 from sidecar.binding import check_subjects, consumer_gone, ensure_consumer
 from sidecar.channel import HandlerChannel
 from sidecar.errors import PUBLISH_ERRORS, ConsumerConflict, SubjectNotCaptured, describe
+from sidecar.isolation import SoloGate, Suspects
 from sidecar.message import InFlight, MessageProcessor
 from sidecar.pubacks import PubAcks
 from sidecar.publisher import Publisher
+from sidecar.pull import position
 from sidecar.settings import SidecarSettings
+from sidecar.window import Window
 
 
 class Pull(Protocol):
@@ -61,51 +64,9 @@ FETCH_ERROR_PAUSE = 1.0
 FETCH_MAX_BYTES = 32 * 1024 * 1024
 # An in-progress ack is due once a message has been silent for ack_wait / 3.
 KEEP_ALIVE_FRACTION = 3
-
-
-class Window:
-    """The bounded in-flight window: at most `size` messages, and about `max_bytes`.
-
-    Slots are taken only while the bytes in flight are under `max_bytes`, so the bytes
-    can go over it by what one fetch brings; a message larger than the whole budget
-    still goes through, and nothing is taken beside it until it ends.
-    """
-
-    def __init__(self, size: int, max_bytes: int | None = None) -> None:
-        self.size = size
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._free = size
-        self._changed = asyncio.Event()
-
-    @property
-    def in_flight(self) -> int:
-        return self.size - self._free
-
-    @property
-    def bytes_free(self) -> int | None:
-        """Room left under the byte budget; None without one."""
-        return None if self.max_bytes is None else max(self.max_bytes - self.bytes, 0)
-
-    def _full(self) -> bool:
-        return self._free <= 0 or (self.max_bytes is not None and self.bytes >= self.max_bytes)
-
-    async def take_all(self) -> int:
-        """Wait for a free slot and room under the byte budget, then take every free slot."""
-        while self._full():
-            self._changed.clear()
-            await self._changed.wait()
-        taken, self._free = self._free, 0
-        return taken
-
-    def add_bytes(self, size: int) -> None:
-        """Count a fetched message's bytes; give_back returns them."""
-        self.bytes += size
-
-    def give_back(self, count: int = 1, size: int = 0) -> None:
-        self._free += count
-        self.bytes -= size
-        self._changed.set()
+# How long a suspect waits for the host to finish messages the sidecar gave up on, when
+# no result timeout says it (KRT_HANDLER_TIMEOUT=0: the sidecar never gives up on one).
+SOLO_IDLE_WAIT = 30.0
 
 
 def due_for_in_progress(records: Iterable[InFlight], silent_since: float) -> list[InFlight]:
@@ -131,13 +92,22 @@ class Consumer:
         self._channel = channel
         self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes)
         publisher = Publisher(js, settings.nats_stream, settings.node_name, pub_acks)
-        self._processor = MessageProcessor(settings, channel, publisher, max_payload)
+        # Messages that were in the handler host when it failed (`sidecar.isolation`).
+        self._suspects = Suspects()
+        self._processor = MessageProcessor(
+            settings, channel, publisher, max_payload, self._suspects
+        )
         self._max_payload = max_payload
         # What a message is expected to weigh, for sizing fetches under the byte budget:
         # the largest recent one (max_payload until the first arrives; see _count_size).
         self._size_hint = max_payload or 0
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
+        self._solo = SoloGate(
+            self._in_flight.keys,
+            lambda timeout: self._channel.wait_idle(timeout),
+            settings.result_timeout or SOLO_IDLE_WAIT,
+        )
         self._task: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._sub: Pull | None = None
@@ -220,6 +190,9 @@ class Consumer:
     async def _consume(self, sub: Pull | None) -> None:
         while sub is not None and not self._stopping.is_set():
             if not await self._unless_stopping(self._channel.wait_ready()):
+                break
+            # Nothing is fetched beside a suspect that waits to run alone, or runs.
+            if not await self._unless_stopping(self._solo.clear()):
                 break
             slots = await self._unless_stopping(self._window.take_all())
             if not slots:
@@ -353,20 +326,39 @@ class Consumer:
         record = InFlight(msg, size=len(msg.data))
         self._count_size(record.size)
         self._window.add_bytes(record.size)
-        task = asyncio.create_task(self._handle(record))
+        # Parsed again by `prepare`; only looked up while there are suspects at all.
+        known = self._suspects.of(position(msg)[0]) if self._suspects else None
+        if known is not None:
+            record.excused = known.excused
+        if known is not None and known.alone:
+            task = asyncio.create_task(self._handle_alone(record))
+            self._solo.queue(task)  # before the next fetch
+        else:
+            task = asyncio.create_task(self._handle(record))
         self._in_flight[task] = record
         metrics.IN_FLIGHT.inc()
         task.add_done_callback(self._finished)
 
+    async def _handle_alone(self, record: InFlight) -> None:
+        """A suspect: run once everything else has left the handler host, nothing beside it."""
+        async with self._solo.alone():
+            record.alone = True
+            log.info(
+                "stream seq %d runs alone in the handler host (%d more suspects waiting)",
+                position(record.msg)[0],
+                self._solo.waiting - 1,
+            )
+            await self._handle(record)
+
     async def _handle(self, record: InFlight) -> None:
-        decoded = await self._processor.decode(record)
-        # A gzipped input takes its gunzipped size in memory: count that, and expect it.
-        extra = len(decoded.plain) - record.size
-        if extra > 0:
-            record.size += extra
-            self._window.add_bytes(extra)
-            self._count_size(len(decoded.plain))
-        await self._processor.process(record, decoded)
+        # A gzipped input takes its decompressed size in memory: charged to the window
+        # before it is decompressed, and expected of the next fetches.
+        size = self._processor.prepare(record)
+        if size > record.size:
+            await self._window.reserve(record.size, size - record.size)
+            record.size = size
+            self._count_size(size)
+        await self._processor.process(record, await self._processor.decode(record))
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         record = self._in_flight.pop(task, None)

@@ -18,6 +18,9 @@ from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar.errors import BadInputError, PayloadTooLargeError
 
 GZIP_MAGIC = b"\x1f\x8b"
+# A gzip member's header (10 bytes) and trailer (CRC32, ISIZE: 8 bytes).
+_GZIP_MIN_BYTES = 18
+_PROBE_BYTES = 64 * 1024
 # Speed over ratio: level 1 is much faster than gzip's default and a little larger, and any
 # level reads back the same (docs/performance.md, "gzip and gunzip of big messages"). Only
 # an output that level 1 leaves over the limit pays for the best level, a last try.
@@ -30,8 +33,21 @@ def is_compressed(data: bytes) -> bool:
     return data[:2] == GZIP_MAGIC
 
 
-def gunzip(data: bytes, max_bytes: int) -> bytes:
-    """Decompress gzip data, refusing to produce more than max_bytes.
+def declared_size(data: bytes) -> int | None:
+    """What gzipped `data` says it comes to: its trailer's ISIZE; None when not gzip.
+
+    ISIZE is the size of the last gzip member, modulo 2**32: exact for the one member
+    that KRE's runners (and gzip.compress) write. It lets the decompressed size be
+    charged to the in-flight window before a byte is decompressed; `decode` holds the
+    data to it.
+    """
+    if not is_compressed(data) or len(data) < _GZIP_MIN_BYTES:
+        return None
+    return int.from_bytes(data[-4:], "little")
+
+
+def gunzip(data: bytes, max_bytes: int, too_large: str = "") -> bytes:
+    """Decompress gzip data, refusing to produce more than max_bytes (`too_large` says why).
 
     Streams through zlib with `max_length`, so a small gzip bomb stops at the cap
     instead of filling memory. Concatenated gzip members are read one after another.
@@ -45,7 +61,9 @@ def gunzip(data: bytes, max_bytes: int) -> bytes:
         except zlib.error as exc:
             raise BadInputError(f"bad gzip data: {exc}") from exc
         if len(out) > max_bytes:
-            raise BadInputError(f"decompressed size is over the {max_bytes} byte limit")
+            raise BadInputError(
+                too_large or f"decompressed size is over the {max_bytes} byte limit"
+            )
         if not inflater.eof:
             raise BadInputError("truncated gzip data")
         rest = inflater.unused_data
@@ -64,7 +82,21 @@ def decode(data: bytes, max_bytes: int) -> tuple[KreNatsMessage, bytes]:
     if not data:
         raise BadInputError("empty message")
     if is_compressed(data):
-        data = gunzip(data, max_bytes)
+        declared = declared_size(data)
+        if declared is None:
+            raise BadInputError("truncated gzip data")
+        if declared > max_bytes:
+            # Garbage after the magic also "declares" a huge size: a bounded look at the
+            # start of the data tells bad gzip from an honest but oversized message.
+            too_large = (
+                f"decompressed size is over the {max_bytes} byte limit "
+                f"(its gzip trailer declares {declared} bytes)"
+            )
+            gunzip(data, _PROBE_BYTES, too_large)  # bad gzip raises its own reason
+            raise BadInputError(too_large)
+        # Held to what the trailer declares: that is what the window was charged.
+        lie = f"gzip data inflates past the {declared} bytes its trailer declares"
+        data = gunzip(data, declared, lie)
         if not data:
             raise BadInputError("empty message once decompressed")
     elif len(data) > max_bytes:

@@ -114,3 +114,79 @@ class SubjectNotCaptured(RunnerError):
             f"subjects of stream {stream} (now: {have}), or set {variable} to a subject "
             "that a stream captures"
         )
+
+
+class ConsumerTakenByAnotherInput(ConsumerConflict):
+    """The durable consumer exists with another filter: another node's, most likely.
+
+    Two nodes given the same KRT_NATS_DURABLE would otherwise re-point each other's
+    consumer to their own input, and one node's messages would go through the other's
+    handler. `theirs` is the filter found, `ours` the one this node's inputs need.
+    """
+
+    def __init__(
+        self, stream: str, durable: str, theirs: Sequence[str], ours: Sequence[str]
+    ) -> None:
+        self.theirs = tuple(theirs)
+        self.ours = tuple(ours)
+        found = ", ".join(self.theirs) or "none (every subject of the stream)"
+        wanted = ", ".join(self.ours)
+        difference = f"filter subjects are {found}, not {wanted}"
+        RunnerError.__init__(
+            self,
+            f"consumer {durable} on stream {stream} takes {found}, not this node's input "
+            f"{wanted} (KRT_NATS_INPUT): another node probably has KRT_NATS_DURABLE={durable} "
+            "too. Give each node its own KRT_NATS_DURABLE, or delete the consumer if no node "
+            f"uses it any more (nats consumer rm {stream} {durable}); it is left as it is",
+        )
+        self.stream = stream
+        self.durable = durable
+        self.differences = (difference,)
+        self.server_said = ""
+
+
+class InputNotCaptured(SubjectNotCaptured):
+    """The node's stream does not capture an input subject: the consumer would get nothing.
+
+    `elsewhere` is the stream that does capture it, if any: a consumer only reads its
+    own stream, so that does not help.
+    """
+
+    def __init__(
+        self, subject: str, stream: str, stream_subjects: Sequence[str], elsewhere: str | None
+    ) -> None:
+        self.variable = "KRT_NATS_INPUT"
+        self.subject = subject
+        self.stream = stream
+        self.stream_subjects = tuple(stream_subjects)
+        self.elsewhere = elsewhere
+        self.consequence = "the consumer would never receive a message"
+        have = ", ".join(self.stream_subjects) or "none"
+        where = (
+            f"is captured by stream {elsewhere}, not by KRT_NATS_STREAM={stream}"
+            if elsewhere
+            else "is captured by no stream"
+        )
+        RunnerError.__init__(
+            self,
+            f"KRT_NATS_INPUT={subject} {where}: {self.consequence}. Add it to the subjects "
+            f"of stream {stream} (now: {have}), or set KRT_NATS_STREAM to the stream that "
+            "captures the input",
+        )
+
+
+class HttpPortUnavailable(RunnerError):
+    """The probes' HTTP port cannot be bound: without it the kubelet sees no sidecar.
+
+    `host` and `port` are KRT_HTTP_HOST and KRT_HTTP_PORT, `reason` the system's words.
+    """
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(
+            f"cannot serve /healthz, /readyz and /metrics on {host}:{port} "
+            f"(KRT_HTTP_HOST, KRT_HTTP_PORT): {reason}. Stop what holds the port, or set "
+            "KRT_HTTP_PORT to a free one (and the probes' port with it)"
+        )

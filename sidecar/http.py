@@ -14,6 +14,7 @@ from collections.abc import Callable
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from sidecar import metrics
+from sidecar.errors import HttpPortUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,13 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        """Listen; HttpPortUnavailable when the port is taken or the host is not ours."""
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, limit=MAX_HEAD_BYTES
+            )
+        except OSError as exc:
+            raise HttpPortUnavailable(self.host, self.port, exc.strerror or str(exc)) from exc
         # Port 0 means "any free port": report the one the kernel picked.
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("health and metrics on http://%s:%d", self.host, self.port)

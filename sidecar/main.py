@@ -23,13 +23,13 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
 from sidecar import logs
 from sidecar.channel import HandlerChannel
+from sidecar.connection import PlaintextServerError
 from sidecar.consumer import Consumer
-from sidecar.errors import SettingsError
+from sidecar.errors import RunnerError, SettingsError
 from sidecar.http import HealthServer
 from sidecar.pubacks import PubAcks
 from sidecar.pull import Puller
@@ -38,7 +38,7 @@ from sidecar.settings import SidecarSettings
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-RECONNECT_WAIT = 2.0
+RECONNECT_WAIT = 2  # seconds; nats-py takes an int
 DRAIN_TIMEOUT = 10
 
 
@@ -89,7 +89,9 @@ class Sidecar:
             )
         await self.http.start()
         await self.channel.start()
-        self.nc = await nats.connect(
+        security = self.settings.nats_security
+        self.nc = security.client()
+        await self.nc.connect(
             servers=list(self.settings.nats_servers),
             name=self.settings.node_name,
             allow_reconnect=True,
@@ -99,11 +101,15 @@ class Sidecar:
             error_cb=self._nats_error,
             disconnected_cb=self._nats_disconnected,
             reconnected_cb=self._nats_reconnected,
+            **security.connect_options(),
         )
         url = self.nc.connected_url
-        # hostname and port only: the URL's userinfo may hold a password
+        # The URLs never hold credentials (sidecar.connection takes them out)
         log.info(
-            "connected to NATS at %s:%s", url.hostname if url else "?", url.port if url else "?"
+            "connected to NATS at %s:%s (%s)",
+            url.hostname if url else "?",
+            url.port if url else "?",
+            security.describe(),
         )
         pub_acks = PubAcks(self.nc)
         await pub_acks.start()
@@ -122,7 +128,9 @@ class Sidecar:
         # Called on every failed reconnect attempt: say each distinct problem once.
         text = str(exc) or type(exc).__name__
         if text != self._last_nats_error:
-            log.warning("NATS: %s", text)
+            # A server without TLS is a misconfiguration, not a passing outage.
+            level = logging.ERROR if isinstance(exc, PlaintextServerError) else logging.WARNING
+            log.log(level, "NATS: %s", text)
         self._last_nats_error = text
 
     async def _nats_disconnected(self) -> None:
@@ -179,7 +187,11 @@ def main() -> None:
         log.error("%s", exc)
         sys.exit(2)
     logs.configure(settings.log_level, settings.log_format, settings.node_name)
-    _asyncio_run(run(settings))
+    try:
+        _asyncio_run(run(settings))
+    except RunnerError as exc:  # HttpPortUnavailable: nothing else was started yet
+        log.error("%s", exc)
+        sys.exit(1)
     # Stopped: the loop that handled signals is closed. A second SIGTERM while the
     # interpreter winds down (a compression thread to join) ends it at once, still with 0.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -17,20 +17,21 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import nats.errors
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from nats.aio.msg import Msg
 
 from protos import runner_pb2
 from protos.kre_nats_msg_pb2 import KreNatsMessage
 from sidecar import deadletter, envelope, logs, metrics
-from sidecar.channel import HandlerChannel
+from sidecar.channel import HandlerChannel, HostLost
+from sidecar.early_replies import EarlyReplies
 from sidecar.errors import (
     PUBLISH_ERRORS,
     BadInputError,
@@ -38,6 +39,7 @@ from sidecar.errors import (
     PayloadTooLargeError,
     describe,
 )
+from sidecar.isolation import Suspects
 from sidecar.outcome import (
     Abandoned,
     Ack,
@@ -59,8 +61,10 @@ from sidecar.outcome import (
     Unavailable,
     UpstreamError,
     decide,
+    exhausted,
 )
 from sidecar.publisher import Publisher
+from sidecar.pull import position
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,10 @@ class InFlight:
     pinged_at: float = field(default_factory=time.monotonic)
     seq: int = 0
     attempt: int = 0
+    # From `sidecar.isolation`: earlier deliveries that did not count, and whether this
+    # one runs with nothing else in the handler host.
+    excused: int = 0
+    alone: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,12 @@ class MessageProcessor:
         channel: HandlerChannel,
         publisher: Publisher,
         max_payload: int | None = None,
+        suspects: Suspects | None = None,
     ) -> None:
         self.settings = settings
         self._channel = channel
         self._publisher = publisher
+        self._suspects = suspects if suspects is not None else Suspects()
         self._max_payload = max_payload  # the NATS server's, headers included
         self._policy = Policy.from_settings(settings, max_payload)
 
@@ -125,12 +135,34 @@ class MessageProcessor:
     def policy(self) -> Policy:
         return self._policy
 
-    async def decode(self, record: InFlight) -> Decoded:
-        """Read the record's message; never raises for a bad input (its problem says)."""
+    def prepare(self, record: InFlight) -> int:
+        """Read the record's position; the bytes its decoding will hold.
+
+        That is its decompressed size, as its gzip trailer declares it, when it will be
+        gunzipped; its size as fetched otherwise (not gzipped, declaring more than
+        KRT_MAX_MESSAGE_BYTES, or delivered too often to be read at all).
+        """
         msg = record.msg
         record.seq, record.attempt = position(msg)
         logs.bind(record.seq, record.attempt)
         _count_input(msg.data, record.attempt)
+        declared = envelope.declared_size(msg.data)
+        if declared is None or declared > self.settings.max_message_bytes:
+            return len(msg.data)
+        if self._given_up(record):
+            return len(msg.data)
+        return max(declared, len(msg.data))
+
+    def _given_up(self, record: InFlight) -> bool:
+        """Delivered more than KRT_MAX_DELIVER times, counting only what counts."""
+        return exhausted(_facts(record, None), self._policy)
+
+    async def decode(self, record: InFlight) -> Decoded:
+        """Read the record's message (after `prepare`); never raises for a bad input."""
+        msg = record.msg
+        if self._given_up(record) and envelope.is_compressed(msg.data):
+            # Given up on: not worth decompressing again. Its dead letter has the bytes.
+            return Decoded(None, problem=Exhausted())
         try:
             request, plain = await _off_loop_if_big(
                 len(msg.data), envelope.decode, msg.data, self.settings.max_message_bytes
@@ -138,7 +170,7 @@ class MessageProcessor:
         except BadInputError as exc:
             return Decoded(None, problem=BadInput(exc.reason))
         logs.tag(tracking_id=request.tracking_id, traceparent=_header(msg, "traceparent"))
-        if record.attempt > self.settings.max_deliver:
+        if self._given_up(record):
             return Decoded(request, plain, Exhausted())
         if request.error:
             return Decoded(request, plain, UpstreamError())
@@ -146,7 +178,7 @@ class MessageProcessor:
 
     async def process(self, record: InFlight, decoded: Decoded) -> None:
         """Run a decoded message through the handler host and settle it, exactly once."""
-        facts = Facts(decoded.request, record.attempt)
+        facts = _facts(record, decoded.request)
         try:
             happened = decoded.problem
             if happened is None:
@@ -190,24 +222,28 @@ class MessageProcessor:
         if size > limit:
             # Sent anyway it would break the stream that every other message shares.
             reason = f"message is {size} bytes for the handler host, over the {limit} byte gRPC"
-            return Facts(request, attempt), BadInput(f"{reason} limit (KRT_GRPC_MAX_MESSAGE_BYTES)")
+            return _facts(record, request), BadInput(f"{reason} limit (KRT_GRPC_MAX_MESSAGE_BYTES)")
+        if not self._channel.ready:
+            # The host is (re)starting: a message bounced back to JetStream now would be
+            # charged an attempt for a host it never reached. It waits, kept alive.
+            await self._channel.wait_ready()
         replies = self._early_replies(record.seq, request)
         started = time.time_ns()  # for a Result without the host's own stamps
         clock = time.perf_counter()
         try:
             result = await self._channel.call(delivery, replies.send, message=decoded.plain)
         except HandlerUnavailable as exc:
-            happened: Happened = Unavailable(exc.reason)
+            happened: Happened = Unavailable(exc.reason, in_host=isinstance(exc, HostLost))
         else:
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - clock)
             happened = replies.failure or _from_result(result, started)
-        return Facts(request, attempt, early_replied=replies.sent), happened
+        return _facts(record, request, early_replied=replies.sent), happened
 
-    def _early_replies(self, seq: int, request: KreNatsMessage) -> _EarlyReplies:
+    def _early_replies(self, seq: int, request: KreNatsMessage) -> EarlyReplies:
         subject = self.settings.entrypoint_subject
         msg_id = self._publisher.msg_id(seq) + ":early"
         publish = functools.partial(self._publisher.publish, "early_reply", subject, msg_id=msg_id)
-        return _EarlyReplies(request, publish if subject else None, self._encode)
+        return EarlyReplies(request, publish if subject else None, self._encode)
 
     async def _settle(self, record: InFlight, happened: Happened, facts: Facts) -> None:
         """Decide, carry the action out; when that fails, decide again, and carry that out.
@@ -271,6 +307,7 @@ class MessageProcessor:
     async def _finish(self, record: InFlight, action: Action, facts: Facts) -> None:
         record.settled = True
         metrics.settled(action.outcome).inc()
+        self._suspects.settled(record.seq, action)
         msg, seq = record.msg, record.seq
         try:
             match action:
@@ -290,8 +327,9 @@ class MessageProcessor:
                     await msg.nak()
                 case Nak(delay=delay, reason=reason):
                     log.warning(
-                        "stream seq %d attempt %d retried in %.1fs: %s",
+                        "stream seq %d (tracking id %s) attempt %d retried in %.1fs: %s",
                         seq,
+                        facts.tracking_id or "-",
                         facts.attempt,
                         delay,
                         reason,
@@ -311,33 +349,8 @@ class MessageProcessor:
             log.warning("could not settle stream seq %d (%s): it will be redelivered", seq, exc)
 
 
-@dataclass
-class _EarlyReplies:
-    """Publishes one message's early replies to the entrypoint; remembers what went wrong.
-
-    `publish(data)` is the one publish it needs (None: no entrypoint subject is set).
-    """
-
-    request: KreNatsMessage
-    publish: Callable[[bytes], Awaitable[None]] | None
-    encode: Callable[[KreNatsMessage], Awaitable[bytes]]
-    sent: bool = False
-    failure: Happened | None = None
-
-    async def send(self, payload: any_pb2.Any) -> None:
-        if self.failure is not None:
-            return
-        if self.publish is None:
-            self.failure = Raised("early reply needs KRT_NATS_ENTRYPOINT_SUBJECT, which is not set")
-            return
-        try:
-            await self.publish(await self.encode(envelope.build_early_reply(self.request, payload)))
-        except PayloadTooLargeError as exc:
-            self.failure = Raised(f"early reply: {exc}")
-        except PUBLISH_ERRORS as exc:
-            self.failure = PublishFailed(f"early reply: {describe(exc)}")
-        else:
-            self.sent = True
+def _facts(record: InFlight, request: KreNatsMessage | None, early_replied: bool = False) -> Facts:
+    return Facts(request, record.attempt, early_replied, record.excused, record.alone)
 
 
 def _from_result(result: runner_pb2.Result, started_ns: int) -> Happened:
@@ -386,19 +399,3 @@ def _count_input(data: bytes, attempt: int) -> None:
         metrics.DECOMPRESSED.inc()
     if attempt > 1:
         metrics.REDELIVERIES.inc()
-
-
-def position(msg: Msg) -> tuple[int, int]:
-    """A JetStream message's stream sequence and delivery attempt, from its ack subject.
-
-    What `msg.metadata` holds, read the way nats-py reads it, without building the rest
-    (nats-py builds two dataclasses and a datetime for it, on every message).
-    """
-    tokens: list[str] = msg.reply.split(".") if msg.reply else []
-    if len(tokens) >= 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        if len(tokens) == 9:  # $JS.ACK.stream.consumer.delivered.sseq.cseq.ts.pending
-            return int(tokens[5]), int(tokens[4])
-        if len(tokens) >= 11:  # v2: $JS.ACK.domain.hash.stream.consumer.delivered.sseq...
-            return int(tokens[7]), int(tokens[6])
-    meta = msg.metadata  # not a JetStream message: nats-py's own error
-    return meta.sequence.stream, meta.num_delivered

@@ -93,8 +93,8 @@ class _Labelled:
 MESSAGES = _Labelled(
     "kre_sidecar_messages",
     "Input messages settled, by outcome (published, acked, skipped_replied, "
-    "error_published, error_forwarded, retried, dead_lettered, dead_letter_retried, "
-    "settle_failed, abandoned).",
+    "error_published, error_forwarded, retried, suspect, culprit_retried, dead_lettered, "
+    "dead_letter_retried, settle_failed, abandoned).",
     "outcome",
 )
 IN_FLIGHT = Count()

@@ -17,7 +17,11 @@ then, and carries out the new action instead. Every ending of every message is h
 | handler raised (or timed out)          | PublishErrorThenAck(error envelope)           |
 | output too large even gzipped          | PublishErrorThenAck(error envelope)           |
 | handler raised a retryable error       | Nak(backoff); at the last attempt DeadLetter  |
-| handler host unreachable, stream broke | Nak(backoff); at the last attempt DeadLetter  |
+| handler host unreachable               | Nak(backoff); at the last attempt DeadLetter  |
+| host died / stream broke / no Result,  | Nak, not counted: a suspect, tried again      |
+|   other messages in the host too       |   alone (`sidecar.isolation`)                 |
+| ... the message alone in the host      | Nak(backoff), counted; at the last attempt    |
+|                                        |   DeadLetter: it crashed or blocked the host  |
 | publish failed                         | Nak(backoff); at the last attempt DeadLetter  |
 | input cannot be decoded or sent        | DeadLetterAndTerm, on the first attempt       |
 | delivered more than KRT_MAX_DELIVER    | DeadLetterAndTerm, the handler not called     |
@@ -35,8 +39,12 @@ replies, and the output of a handler that called ctx.early_exit(), go there too.
 Backoff is `KRT_NAK_DELAY * 2**(attempt-1)`, capped at MAX_NAK_DELAY. The consumer has
 no `max_deliver` of its own (JetStream would drop a message nak'ed at the last attempt
 silently): the sidecar counts the attempts, and at the last one every retryable ending
-becomes a visible dead letter instead. Each action's `outcome` is counted once, when the
-message is settled, in `kre_sidecar_messages_total{outcome}`.
+becomes a visible dead letter instead. An attempt counts only when the message could
+have caused the failure: JetStream counts every delivery, so the sidecar keeps its own
+record of the deliveries that did not count (`Facts.excused`, from
+`sidecar.isolation.Suspects`) and compares `Facts.counted` with KRT_MAX_DELIVER.
+Each action's `outcome` is counted once, when the message is settled, in
+`kre_sidecar_messages_total{outcome}`.
 """
 
 from __future__ import annotations
@@ -86,9 +94,14 @@ class Raised:
 
 @dataclass(frozen=True)
 class Unavailable:
-    """The handler host could not be reached, went away, or the stream broke."""
+    """The handler host could not be reached, went away, or the stream broke.
+
+    `in_host`: the message had reached the host when it failed (the host died, the
+    stream broke, or no Result came in time), so the message may be what failed it.
+    """
 
     reason: str
+    in_host: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,8 +164,15 @@ Happened = (
 @dataclass(frozen=True)
 class Facts:
     request: KreNatsMessage | None  # None when the input could not be decoded
-    attempt: int  # 1 on the first delivery
+    attempt: int  # 1 on the first delivery (JetStream's count)
     early_replied: bool = False  # this node already sent an early reply for it
+    excused: int = 0  # earlier deliveries that did not count (this sidecar's record)
+    alone: bool = False  # nothing else was in the handler host beside it
+
+    @property
+    def counted(self) -> int:
+        """The attempts that count toward KRT_MAX_DELIVER, this one included."""
+        return max(self.attempt - self.excused, 1)
 
     @property
     def replied(self) -> bool:
@@ -230,9 +250,17 @@ class PublishErrorThenAck:
 
 @dataclass(frozen=True)
 class Nak:
+    """Give the message back to JetStream, redelivered after `delay`.
+
+    `counted`: this delivery counts toward KRT_MAX_DELIVER (False: the sidecar records it
+    as excused). `alone_next`: the message runs alone in the handler host from now on.
+    """
+
     delay: float
     reason: str
     outcome: str = "retried"
+    counted: bool = True
+    alone_next: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,6 +288,8 @@ def decide(happened: Happened, facts: Facts, policy: Policy) -> Action:
             return _forward_error(facts, policy)
         case Raised(retryable=False):
             return _error(happened.message, facts, policy)
+        case Unavailable(in_host=True):
+            return _host_failed(happened.reason, facts, policy)
         case Raised() | Unavailable() | PublishFailed():
             return _retry(_retry_reason(happened), facts, policy)
         case BadInput(reason=reason):
@@ -274,11 +304,41 @@ def decide(happened: Happened, facts: Facts, policy: Policy) -> Action:
     raise TypeError(f"unknown happening: {happened!r}")
 
 
+def exhausted(facts: Facts, policy: Policy) -> bool:
+    """Delivered more than KRT_MAX_DELIVER times, counting only the attempts that count.
+
+    JetStream's count also holds the deliveries excused as suspects: a message over
+    KRT_MAX_DELIVER by that count alone is still run.
+    """
+    return facts.counted > policy.max_deliver
+
+
+def _host_failed(reason: str, facts: Facts, policy: Policy) -> Action:
+    """The host failed with this message in it: a suspect, or, alone, the culprit."""
+    if not facts.alone:
+        # Any message in flight may have done it: none is charged; each is tried again
+        # alone, and the one that fails the host alone is the culprit.
+        why = f"the handler host failed with other messages in flight ({reason})"
+        return Nak(
+            policy.nak_delay,
+            f"{why}: not counted, tried again alone",
+            outcome="suspect",
+            counted=False,
+            alone_next=True,
+        )
+    counted = facts.counted
+    why = f"crashed or blocked the handler host while alone in it ({reason})"
+    if counted < policy.max_deliver:
+        return Nak(policy.backoff(counted), why, outcome="culprit_retried", alone_next=True)
+    limit = f"KRT_MAX_DELIVER={policy.max_deliver}"
+    return _dead_letter(f"gave up after {counted} attempts ({limit}): {why}", facts, policy)
+
+
 def _give_back(
     happened: DeadLetterFailed | SettleFailed | Abandoned, facts: Facts, policy: Policy
 ) -> Nak:
     """The endings that are not the message's fault: it comes back, nothing published."""
-    delay = policy.backoff(facts.attempt)
+    delay = policy.backoff(facts.counted)
     match happened:
         case DeadLetterFailed(reason=reason):
             # Never term a message whose dead letter did not land: it comes back and the
@@ -342,9 +402,9 @@ def _error(message: str, facts: Facts, policy: Policy) -> Action:
 
 
 def _retry(reason: str, facts: Facts, policy: Policy) -> Action:
-    if facts.attempt < policy.max_deliver:
-        return Nak(policy.backoff(facts.attempt), reason)
-    return _dead_letter(f"gave up after {facts.attempt} attempts: {reason}", facts, policy)
+    if facts.counted < policy.max_deliver:
+        return Nak(policy.backoff(facts.counted), reason)
+    return _dead_letter(f"gave up after {facts.counted} attempts: {reason}", facts, policy)
 
 
 def _dead_letter(reason: str, facts: Facts, policy: Policy) -> DeadLetterAndTerm:

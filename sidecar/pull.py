@@ -175,3 +175,19 @@ def _error_of(msg: Msg) -> nats.js.errors.APIError:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def position(msg: Msg) -> tuple[int, int]:
+    """A JetStream message's stream sequence and delivery attempt, from its ack subject.
+
+    What `msg.metadata` holds, read the way nats-py reads it, without building the rest
+    (nats-py builds two dataclasses and a datetime for it, on every message).
+    """
+    tokens: list[str] = msg.reply.split(".") if msg.reply else []
+    if len(tokens) >= 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        if len(tokens) == 9:  # $JS.ACK.stream.consumer.delivered.sseq.cseq.ts.pending
+            return int(tokens[5]), int(tokens[4])
+        if len(tokens) >= 11:  # v2: $JS.ACK.domain.hash.stream.consumer.delivered.sseq...
+            return int(tokens[7]), int(tokens[6])
+    meta = msg.metadata  # not a JetStream message: nats-py's own error
+    return meta.sequence.stream, meta.num_delivered

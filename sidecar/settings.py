@@ -8,13 +8,13 @@ environment; the sidecar ignores them.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protos.contract import DEFAULT_HANDLER_ADDRESS, DEFAULT_MAX_MESSAGE_BYTES
+from sidecar.connection import NatsSecurity, read_nats
 from sidecar.errors import SettingsError
 
 MIB = 1024 * 1024
@@ -25,6 +25,16 @@ RESULT_TIMEOUT_MARGIN = 5.0
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 _LOG_LEVELS = frozenset({"CRITICAL", "FATAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET"})
+HOUR = 3600.0
+# KRT_HANDLER_TIMEOUT's range, the same in the handler host (handler_host/settings.py):
+# 0 is "no limit", so an infinite timeout is refused there and here.
+MAX_HANDLER_TIMEOUT = 24 * HOUR
+# The keep-alive loop looks at the window every sixth of KRT_ACK_WAIT: below a second it
+# would spin, and JetStream redelivers too early for any real handler anyway.
+MIN_ACK_WAIT = 1.0
+# What JetStream refuses in a consumer name (and a file name on the server's disk).
+_BAD_DURABLE_CHARS = frozenset(".*>/\\")
+MAX_DURABLE_LENGTH = 255
 
 
 # The byte budget of the in-flight window. Every message is held several times over
@@ -32,6 +42,12 @@ _LOG_LEVELS = frozenset({"CRITICAL", "FATAL", "ERROR", "WARNING", "INFO", "DEBUG
 # 8 MiB keeps big messages as fast as a larger budget, with less memory in both
 # processes (docs/performance.md, "The in-flight byte budget").
 DEFAULT_IN_FLIGHT_BYTES = 8 * MIB
+# The largest input once decompressed. The sidecar holds about eleven copies of the
+# biggest message it works on (gunzipped, parsed, framed for the host, its result, the
+# output, gzipped...), and a message over the in-flight budget goes alone: 32 MiB keeps
+# its peak near 410 MiB, under the 512 MiB limit of deploy/kubernetes (README, "Memory";
+# tests/faults/test_memory.py).
+DEFAULT_MAX_INPUT_BYTES = 32 * MIB
 
 
 def handler_endpoint(address: str) -> tuple[str | None, int | None, str | None]:
@@ -94,7 +110,7 @@ def _unix_path(path: str) -> str:
 @dataclass(frozen=True)
 class SidecarSettings:
     node_name: str
-    nats_servers: tuple[str, ...]
+    nats_servers: tuple[str, ...]  # never with credentials: see nats_security
     nats_inputs: tuple[str, ...]
     nats_output: str
     nats_stream: str
@@ -112,7 +128,7 @@ class SidecarSettings:
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     max_payload_bytes: int = MIB
-    max_message_bytes: int = 64 * MIB
+    max_message_bytes: int = DEFAULT_MAX_INPUT_BYTES
     grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ack_wait: float = 30.0
     max_deliver: int = 5
@@ -121,6 +137,8 @@ class SidecarSettings:
     shutdown_grace: float = 20.0
     log_level: str = "INFO"
     log_format: str = "text"  # KRT_LOG_FORMAT: text or json
+    # TLS and credentials; its repr shows no secret
+    nats_security: NatsSecurity = field(default_factory=NatsSecurity)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:
@@ -130,9 +148,12 @@ class SidecarSettings:
         entrypoint = reader.text("KRT_NATS_ENTRYPOINT_SUBJECT")
         output = reader.output(entrypoint)
         stream = reader.required("KRT_NATS_STREAM")
+        servers, security, nats_problems = read_nats(reader.env)
+        reader.problems += nats_problems
         settings = cls(
             node_name=node_name,
-            nats_servers=_split(reader.required("KRT_NATS_SERVER")),
+            nats_servers=servers,
+            nats_security=security,
             nats_inputs=reader.inputs(),
             nats_output=output,
             nats_stream=stream,
@@ -143,7 +164,7 @@ class SidecarSettings:
             version=reader.text("KRT_VERSION"),
             entrypoint_subject=entrypoint,
             is_last_node=reader.boolean("KRT_IS_LAST_NODE", False),
-            durable=reader.text("KRT_NATS_DURABLE") or sanitize_durable(node_name),
+            durable=reader.durable() or sanitize_durable(node_name),
             js_api_prefix=reader.js_api_prefix(),
             handler_address=reader.address("KRT_HANDLER_ADDRESS"),
             max_in_flight=reader.integer("KRT_MAX_IN_FLIGHT", 64, minimum=1),
@@ -153,15 +174,19 @@ class SidecarSettings:
             http_host=reader.text("KRT_HTTP_HOST") or "0.0.0.0",
             http_port=reader.integer("KRT_HTTP_PORT", 8080, minimum=0, maximum=65535),
             max_payload_bytes=reader.integer("KRT_MAX_PAYLOAD_BYTES", MIB, minimum=1),
-            max_message_bytes=reader.integer("KRT_MAX_MESSAGE_BYTES", 64 * MIB, minimum=1),
+            max_message_bytes=reader.integer(
+                "KRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_INPUT_BYTES, minimum=1
+            ),
             grpc_max_message_bytes=reader.integer(
                 "KRT_GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1
             ),
-            ack_wait=reader.seconds("KRT_ACK_WAIT", 30.0, positive=True),
+            ack_wait=reader.seconds("KRT_ACK_WAIT", 30.0, MIN_ACK_WAIT, HOUR),
             max_deliver=reader.integer("KRT_MAX_DELIVER", 5, minimum=1),
-            nak_delay=reader.seconds("KRT_NAK_DELAY", 1.0),
-            handler_timeout=reader.seconds("KRT_HANDLER_TIMEOUT", 0.0),
-            shutdown_grace=reader.seconds("KRT_SHUTDOWN_GRACE", 20.0),
+            nak_delay=reader.seconds("KRT_NAK_DELAY", 1.0, 0.0, HOUR),
+            handler_timeout=reader.seconds(
+                "KRT_HANDLER_TIMEOUT", 0.0, 0.0, MAX_HANDLER_TIMEOUT, zero="no limit"
+            ),
+            shutdown_grace=reader.seconds("KRT_SHUTDOWN_GRACE", 20.0, 0.0, HOUR),
             log_level=reader.log_level(),
             log_format=reader.log_format(),
         )
@@ -194,7 +219,8 @@ class SidecarSettings:
             f"max_in_flight_bytes={self.max_in_flight_bytes} ack_wait={self.ack_wait:g}s "
             f"max_deliver={self.max_deliver} nak_delay={self.nak_delay:g}s "
             f"handler_timeout={self.handler_timeout:g}s "
-            f"grace={self.shutdown_grace:g}s http={self.http_host}:{self.http_port}"
+            f"grace={self.shutdown_grace:g}s http={self.http_host}:{self.http_port} "
+            f"nats={','.join(self.nats_servers)} {self.nats_security.describe()}"
         )
 
 
@@ -218,6 +244,16 @@ def sanitize_durable(node_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", node_name.strip())
 
 
+def durable_problem(name: str) -> str:
+    """Why JetStream would refuse `name` as a consumer name; "" when it would not."""
+    bad = sorted({c for c in name if c in _BAD_DURABLE_CHARS or not c.isprintable() or c.isspace()})
+    if bad:
+        return f"must not contain {' '.join(repr(c) for c in bad)}"
+    if len(name) > MAX_DURABLE_LENGTH:
+        return f"is longer than {MAX_DURABLE_LENGTH} characters"
+    return ""
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -226,11 +262,11 @@ class _EnvReader:
     """Reads variables and collects every problem instead of stopping at the first."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
+        self.env = env
         self.problems: list[str] = []
 
     def text(self, name: str) -> str:
-        return self._env.get(name, "").strip()
+        return self.env.get(name, "").strip()
 
     def required(self, name: str) -> str:
         value = self.text(name)
@@ -246,7 +282,7 @@ class _EnvReader:
         return tuple(dict.fromkeys(subjects))
 
     def output(self, entrypoint: str) -> str:
-        if "KRT_NATS_OUTPUT" not in self._env:
+        if "KRT_NATS_OUTPUT" not in self.env:
             self.problems.append("KRT_NATS_OUTPUT is missing")
             return ""
         # KRE leaves the last node's output empty: its replies go to the entrypoint.
@@ -271,6 +307,15 @@ class _EnvReader:
         if domain:
             return f"$JS.{domain}.API"
         return prefix or "$JS.API"
+
+    def durable(self) -> str:
+        durable = self.text("KRT_NATS_DURABLE")
+        problem = durable_problem(durable)
+        if problem:
+            self.problems.append(
+                f"KRT_NATS_DURABLE={durable!r} {problem}: JetStream refuses it as a consumer name"
+            )
+        return durable
 
     def address(self, name: str) -> str:
         address = self.text(name) or DEFAULT_HANDLER_ADDRESS
@@ -304,7 +349,9 @@ class _EnvReader:
             return default
         return value
 
-    def seconds(self, name: str, default: float, positive: bool = False) -> float:
+    def seconds(
+        self, name: str, default: float, minimum: float, maximum: float, zero: str = ""
+    ) -> float:
         raw = self.text(name)
         if not raw:
             return default
@@ -312,9 +359,12 @@ class _EnvReader:
             value = float(raw)
         except ValueError:
             value = float("nan")
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            bound = "> 0" if positive else ">= 0"
-            self.problems.append(f"{name} must be a number of seconds {bound}, got {raw!r}")
+        if not (minimum <= value <= maximum or (zero and value == 0)):  # NaN fails too
+            if zero:
+                expected = f"0 ({zero}) or seconds up to {maximum:g}"
+            else:
+                expected = f"a number of seconds from {minimum:g} to {maximum:g}"
+            self.problems.append(f"{name} must be {expected}, got {raw!r}")
             return default
         return value
 

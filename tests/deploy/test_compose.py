@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.conftest import INSTALL_HINT, ROOT
+from tests.deploy.conftest import INSTALL_HINT, ROOT, SECRET_VARIABLES
 
 COMPOSE = ROOT / "deploy" / "compose"
 FILES = {"cpu": ["compose.yaml"], "gpu": ["compose.yaml", "compose.gpu.yaml"]}
@@ -53,7 +53,8 @@ def test_config_q_fails_on_a_broken_file(tmp_path: Path) -> None:
     # Proves the binary really validates (the console-script wrapper would exit 0).
     broken = (COMPOSE / "compose.yaml").read_text().replace("service_started", "service_soon")
     (tmp_path / "compose.yaml").write_text(broken)
-    (tmp_path / "kre.env").write_text("")
+    for env_file in COMPOSE.glob("*.env"):
+        (tmp_path / env_file.name).write_text("")
     proc = subprocess.run(
         [str(docker_compose()), "-f", str(tmp_path / "compose.yaml"), "config", "-q"],
         capture_output=True,
@@ -111,8 +112,24 @@ def test_socket_volume_and_greeter_mount(model) -> None:
 def test_every_readme_variable_reaches_both_containers(model, env_table) -> None:
     for name in ("sidecar", "handler-host"):
         env = model["services"][name]["environment"]
-        missing = [var for var in env_table if var not in env]
+        missing = [var for var in env_table if var not in env and var not in SECRET_VARIABLES]
         assert not missing, f"{name} lacks {missing}"
+
+
+def test_credentials_reach_only_the_container_that_reads_them(model) -> None:
+    shared = (COMPOSE / "kre.env").read_text()
+    for var, reader in SECRET_VARIABLES.items():
+        assert f"{var}=" not in shared, f"{var} is in kre.env, which both containers get"
+        for name in ("sidecar", "handler-host"):
+            given = var in model["services"][name]["environment"]
+            assert given == (name == reader), (var, name)
+    assert "@" not in shared.split("KRT_NATS_SERVER=")[1].split("\n")[0]
+
+
+def test_published_ports_are_loopback_only(model) -> None:
+    for name, service in model["services"].items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", (name, port)
 
 
 def test_env_file_is_accepted_by_both_processes(model) -> None:

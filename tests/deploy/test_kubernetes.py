@@ -12,10 +12,15 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from tests.deploy import kustomize
-from tests.deploy.conftest import ROOT
+from tests.deploy.conftest import ROOT, SECRET_VARIABLES
 
 KUBE = ROOT / "deploy" / "kubernetes"
-TARGETS = {"base": KUBE / "base", "cpu": KUBE / "overlays/cpu", "keda": KUBE / "overlays/keda"}
+TARGETS = {
+    "base": KUBE / "base",
+    "cpu": KUBE / "overlays/cpu",
+    "keda": KUBE / "overlays/keda",
+    "nats-auth": KUBE / "overlays/nats-auth",
+}
 # Custom resources: no schema in kubernetes-validate (its CLI only warns about them);
 # test_keda_scaled_object checks this one by hand.
 CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject")}
@@ -140,25 +145,84 @@ def test_cpu_overlay_has_no_gpu(rendered) -> None:
     assert containers(rendered["cpu"])["handler-host"]["resources"]["limits"]["memory"]
 
 
-# Credentials come from the optional Secret kre-node-secrets, never from the ConfigMap.
-SECRET_VARS = {"KRT_INFLUX_TOKEN"}
+# Each container's credentials come from its own optional Secret, never from the ConfigMap.
+SECRETS = {"sidecar": "kre-nats-auth", "handler-host": "kre-node-secrets"}
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_config_map_has_every_readme_variable(rendered, target: str, env_table) -> None:
     data = config(rendered[target])
-    missing = [name for name in env_table if name not in data and name not in SECRET_VARS]
+    missing = [name for name in env_table if name not in data and name not in SECRET_VARIABLES]
     assert not missing, f"ConfigMap lacks {missing}"
-    leaked = [name for name in SECRET_VARS if name in data]
-    assert not leaked, (
-        f"credentials belong in the Secret kre-node-secrets, not the ConfigMap: {leaked}"
-    )
-    host_sources = containers(rendered[target])["handler-host"]["envFrom"]
-    assert {"secretRef": {"name": "kre-node-secrets", "optional": True}} in host_sources
     assert all(isinstance(value, str) for value in data.values())
     name = one(rendered[target], "ConfigMap")["metadata"]["name"]
     for container in containers(rendered[target]).values():
         assert {"configMapRef": {"name": name}} in container["envFrom"], container["name"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_credentials_reach_only_the_container_that_reads_them(rendered, target: str) -> None:
+    data = config(rendered[target])
+    leaked = [name for name in SECRET_VARIABLES if name in data]
+    assert not leaked, f"credentials belong in a Secret, not the ConfigMap: {leaked}"
+    assert all("@" not in url for url in data["KRT_NATS_SERVER"].split(",")), (
+        "no credentials in KRT_NATS_SERVER: it is in the ConfigMap both containers get"
+    )
+    for name, container in containers(rendered[target]).items():
+        refs = {s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s}
+        assert refs == {SECRETS[name]}, (name, refs)
+        sources = [s for s in container["envFrom"] if "secretRef" in s]
+        assert all(s["secretRef"]["optional"] is True for s in sources), name
+        # A later envFrom source wins: the Secret must come after the ConfigMap.
+        assert "secretRef" in container["envFrom"][-1], name
+    for secret in (r for r in rendered[target] if r["kind"] == "Secret"):
+        (reader,) = [c for c, s in SECRETS.items() if s == secret["metadata"]["name"]]
+        keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
+        assert all(SECRET_VARIABLES.get(key) == reader for key in keys), (reader, keys)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_nats_files_are_mounted_into_the_sidecar_only(rendered, target: str) -> None:
+    pod = one(rendered[target], "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "nats-secrets")
+    names = [source["secret"]["name"] for source in volume["projected"]["sources"]]
+    assert names == ["kre-nats-tls", "kre-nats-creds"]
+    assert all(source["secret"]["optional"] is True for source in volume["projected"]["sources"])
+    assert volume["projected"]["defaultMode"] == 0o440
+    mounts = {
+        c["name"]: m
+        for c in pod["containers"]
+        for m in c["volumeMounts"]
+        if m["name"] == "nats-secrets"
+    }
+    assert set(mounts) == {"sidecar"}
+    assert mounts["sidecar"]["readOnly"] is True
+    data = config(rendered[target])
+    for name in (
+        "KRT_NATS_TLS_CA_FILE",
+        "KRT_NATS_TLS_CERT_FILE",
+        "KRT_NATS_TLS_KEY_FILE",
+        "KRT_NATS_CREDS_FILE",
+        "KRT_NATS_NKEY_SEED_FILE",
+    ):
+        path = data[name]
+        assert not path or posixpath.dirname(path) == mounts["sidecar"]["mountPath"], name
+
+
+def test_the_nats_auth_overlay_requires_tls() -> None:
+    from sidecar.errors import SettingsError
+    from sidecar.settings import SidecarSettings
+
+    data = config(kustomize.render(TARGETS["nats-auth"]))
+    assert data["KRT_NATS_SERVER"].startswith("tls://")
+    # The files are not mounted here: the settings reader says so, and nothing else.
+    with pytest.raises(SettingsError) as info:
+        SidecarSettings.from_env(data)
+    assert {problem.split("=")[0] for problem in info.value.problems} == {
+        "KRT_NATS_TLS_CA_FILE",
+        "KRT_NATS_TLS_CERT_FILE",
+        "KRT_NATS_TLS_KEY_FILE",
+    }
 
 
 def test_config_map_is_accepted_by_both_processes(rendered) -> None:

@@ -288,3 +288,79 @@ async def _true_after(count: Awaitable[int], wanted: int) -> bool:
 
 def _status(sidecar: Sidecar) -> str:
     return sidecar.consumer.status if sidecar.consumer else ""
+
+
+async def test_a_second_node_with_the_same_durable_is_refused_and_the_first_keeps_its_input(
+    js: JetStreamContext,
+    node: Subjects,
+    start_sidecar,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.consumer")
+    other_input, other_output = f"{node.stream}.in2", f"{node.stream}.out2"
+    await ensure_stream(
+        js,
+        node.stream,
+        [node.input, node.output, other_input, other_output, node.entrypoint, node.dlq],
+    )
+    first = await start_sidecar(KRT_NATS_DURABLE="shared")
+    await eventually(lambda: first.consumer is not None and first.consumer.bound)
+    downstream = await Downstream(js, node.stream, node.output).start()
+
+    second = await start_sidecar(
+        KRT_NODE_NAME="node-y",
+        KRT_NATS_DURABLE="shared",
+        KRT_NATS_INPUT=other_input,
+        KRT_NATS_OUTPUT=other_output,
+    )
+    await eventually(lambda: "takes" in _status(second))
+    status, body = await readyz(second)
+
+    assert status == 503
+    [error] = errors_of(caplog)
+    for text in (error, body):
+        assert (
+            f"consumer shared on stream {node.stream} takes {node.input}, not this node's "
+            f"input {other_input}"
+        ) in text
+        assert "another node probably has KRT_NATS_DURABLE=shared too" in text
+    info = await js.consumer_info(node.stream, "shared")
+    assert info.config.filter_subject == node.input  # left as it is
+    request = request_envelope(StringValue(value="mine"))
+    await js.publish(node.input, request.SerializeToString())
+    [output] = await downstream.wait_for(1, timeout=20)
+    assert text_of(output.payload) == "hello mine"  # the first node still reads its input
+    assert (await readyz(first))[0] == 200
+
+
+async def test_an_input_its_stream_does_not_capture_keeps_the_node_unready_until_added(
+    js: JetStreamContext,
+    node: Subjects,
+    start_sidecar,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.consumer")
+    await js.add_stream(name=node.stream, subjects=[node.output, node.entrypoint, node.dlq])
+    sidecar = await start_sidecar()
+    downstream = await Downstream(js, node.stream, node.output).start()
+
+    await eventually(lambda: "KRT_NATS_INPUT" in _status(sidecar))
+    status, body = await readyz(sidecar)
+
+    assert status == 503
+    [error] = errors_of(caplog)
+    for text in (error, body):
+        assert f"KRT_NATS_INPUT={node.input} is captured by no stream" in text
+        assert f"Add it to the subjects of stream {node.stream} (now: {node.output}" in text
+
+    stream = await js.stream_info(node.stream)
+    stream.config.subjects = [*(stream.config.subjects or []), node.input]
+    await js.update_stream(stream.config)  # the operator's fix
+    await eventually(lambda: sidecar.consumer is not None and sidecar.consumer.bound)
+    request = request_envelope(StringValue(value="late"))
+    await js.publish(node.input, request.SerializeToString())
+
+    [output] = await downstream.wait_for(1, timeout=20)
+    assert text_of(output.payload) == "hello late"
+    assert (await readyz(sidecar))[0] == 200
+    assert len(errors_of(caplog)) == 1

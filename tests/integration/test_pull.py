@@ -14,8 +14,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from deploy.local.nats import NatsServer
-from sidecar.message import position
-from sidecar.pull import Puller
+from sidecar.pull import Puller, position
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

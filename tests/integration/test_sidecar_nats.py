@@ -344,9 +344,12 @@ async def test_missing_stream_means_not_ready_until_it_exists(
     js: JetStreamContext, node: Node
 ) -> None:
     await node.host()
-    # The dead letters stay in the first stream: only the late stream is missing.
+    # The dead letters stay in the first stream: only the late stream is missing. The
+    # input is the late stream's, as a consumer reads only its own stream.
     sidecar = await node.sidecar(
-        KRT_NATS_STREAM=f"{node.stream}-late", KRT_NATS_DLQ_SUBJECT=node.dlq
+        KRT_NATS_STREAM=f"{node.stream}-late",
+        KRT_NATS_INPUT=f"{node.stream}-late.in",
+        KRT_NATS_DLQ_SUBJECT=node.dlq,
     )
     await eventually(lambda: "not found" in sidecar.ready()[1])
     status, body = await http_get(sidecar.http_port, "/readyz")

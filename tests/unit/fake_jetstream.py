@@ -75,14 +75,15 @@ class FakeJs:
         self.sub = sub
         self.binds = 0
         self.consumer_exists = True
+        self.config: Any = None  # what add_consumer was given: the consumer as it is
 
     async def consumer_info(self, stream: str, durable: str) -> Any:
-        if not self.consumer_exists:
+        if not self.consumer_exists or self.config is None:
             raise nats.js.errors.NotFoundError
-        return SimpleNamespace(name=durable)
+        return SimpleNamespace(name=durable, config=self.config)
 
     async def add_consumer(self, stream: str, config: Any) -> None:
-        pass
+        self.config = config
 
     async def pull_subscribe_bind(self, durable: str, stream: str) -> Any:
         self.binds += 1

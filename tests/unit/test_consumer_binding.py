@@ -14,7 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, 
 from sidecar import consumer as consumer_module
 from sidecar.binding import consumer_config, consumer_differences, subject_matches
 from sidecar.consumer import Consumer
-from sidecar.errors import ConsumerConflict, SubjectNotCaptured
+from sidecar.errors import ConsumerConflict, ConsumerTakenByAnotherInput, SubjectNotCaptured
 from tests.unit.fake_jetstream import (
     FakeJs,
     ReadyChannel,
@@ -281,3 +281,103 @@ async def test_dead_letters_dropped_by_an_interest_stream_are_warned_about_once(
                 "KRT_NATS_DLQ_SUBJECT=S.dlq is captured by stream S, whose retention is interest"
             )
         )
+
+
+async def test_a_durable_that_reads_another_input_is_refused_and_never_repointed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.consumer")
+    js = BindingJs({"S": ["S.in", "S.other", "S.out", "S.dlq"]})
+    js.existing = replace(WANTED, filter_subject="S.other")  # another node's, same durable
+    changed: list[ConsumerConfig] = []
+
+    async def add(stream: str, config: Any) -> None:
+        changed.append(config)
+
+    looked: list[str] = []
+    info = js.consumer_info
+
+    async def counted(stream: str, durable: str) -> Any:
+        looked.append(durable)
+        return await info(stream, durable)
+
+    js.add_consumer = add  # type: ignore[method-assign]
+    js.consumer_info = counted  # type: ignore[method-assign]
+    consumer = Consumer(SETTINGS, js, ReadyChannel())  # type: ignore[arg-type]
+    consumer.start()
+    try:
+        await eventually(lambda: len(looked) >= 5)  # several retries, each refused
+        assert changed == [] and js.binds == 0 and not consumer.bound
+        assert consumer.status.startswith(
+            "consumer v1-n on stream S takes S.other, not this node's input S.in "
+            "(KRT_NATS_INPUT): another node probably has KRT_NATS_DURABLE=v1-n too"
+        )
+        assert "nats consumer rm S v1-n" in consumer.status
+        [line] = errors(caplog)  # once, not at every retry
+        assert line.startswith(consumer.status)
+
+        js.existing = None  # the other node got its own durable; this one is deleted
+        await eventually(lambda: consumer.bound)
+        assert [c.filter_subject for c in changed] == ["S.in"]
+    finally:
+        await consumer.stop(0)
+
+
+def test_the_durable_conflict_is_a_consumer_conflict_with_the_filters() -> None:
+    conflict = ConsumerTakenByAnotherInput("S", "d", [], ["S.a", "S.b"])
+
+    assert isinstance(conflict, ConsumerConflict)
+    assert conflict.differences == (
+        "filter subjects are none (every subject of the stream), not S.a, S.b",
+    )
+    assert str(conflict).startswith(
+        "consumer d on stream S takes none (every subject of the stream), not this node's "
+        "input S.a, S.b"
+    )
+
+
+@pytest.mark.parametrize(
+    ("streams", "where"),
+    [
+        ({"S": ["S.out", "S.dlq"]}, "is captured by no stream"),
+        (
+            {"S": ["S.out", "S.dlq"], "OTHER": ["S.in"]},
+            "is captured by stream OTHER, not by KRT_NATS_STREAM=S",
+        ),
+    ],
+)
+async def test_an_input_the_nodes_stream_does_not_capture_keeps_it_unready(
+    streams: dict[str, list[str]], where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.consumer")
+    js = BindingJs(streams)
+    consumer = Consumer(SETTINGS, js, ReadyChannel())  # type: ignore[arg-type]
+    consumer.start()
+    try:
+        await eventually(lambda: "KRT_NATS_INPUT" in consumer.status)
+        assert consumer.status == (
+            f"KRT_NATS_INPUT=S.in {where}: the consumer would never receive a message. Add "
+            "it to the subjects of stream S (now: S.out, S.dlq), or set KRT_NATS_STREAM to "
+            "the stream that captures the input"
+        )
+        assert js.binds == 0 and not consumer.bound
+        [line] = errors(caplog)
+        assert line.startswith(consumer.status)
+
+        js.streams["S"].append("S.*")  # the operator's fix, picked up without a restart
+        await eventually(lambda: consumer.bound)
+        assert "recovered" in caplog.text
+    finally:
+        await consumer.stop(0)
+
+
+async def test_every_input_is_checked() -> None:
+    settings = replace(SETTINGS, nats_inputs=("S.in", "T.in"))
+    js = BindingJs({"S": ["S.in", "S.out", "S.dlq"]})
+    consumer = Consumer(settings, js, ReadyChannel())  # type: ignore[arg-type]
+    consumer.start()
+    try:
+        await eventually(lambda: consumer.status.startswith("KRT_NATS_INPUT=T.in is captured"))
+        assert not consumer.bound
+    finally:
+        await consumer.stop(0)

@@ -158,12 +158,17 @@ async def test_a_gunzipped_input_is_counted_and_expected_at_its_gunzipped_size()
 
     processed: list[InFlight] = []
 
+    def prepare(record: InFlight) -> int:
+        return 900  # what its gzip trailer declares
+
     async def decode(record: InFlight) -> Decoded:
-        return Decoded(None, b"x" * 900)  # what 100 gzipped bytes came to
+        assert consumer.bytes_in_flight == 900  # charged before decompressing
+        return Decoded(None, b"x" * 900)
 
     async def process(record: InFlight, decoded: Decoded) -> None:
         processed.append(record)
 
+    consumer._processor.prepare = prepare  # type: ignore[method-assign]
     consumer._processor.decode = decode  # type: ignore[method-assign]
     consumer._processor.process = process  # type: ignore[method-assign]
     await consumer._handle(record)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.consumer import Window
+from sidecar.window import Window
 
 
 async def test_take_all_takes_every_free_slot_then_waits() -> None:
@@ -81,3 +81,59 @@ async def test_without_a_budget_only_slots_count() -> None:
     window.give_back(taken - 1)
     assert window.bytes_free is None
     assert await asyncio.wait_for(window.take_all(), 1) == 1
+
+
+async def test_a_reservation_that_fits_is_charged_at_once() -> None:
+    window = Window(8, max_bytes=1000)
+    window.add_bytes(100)
+
+    await asyncio.wait_for(window.reserve(100, 800), 1)
+
+    assert window.bytes == 900
+
+
+async def test_a_reservation_waits_for_room_then_is_charged() -> None:
+    window = Window(8, max_bytes=1000)
+    window.add_bytes(600)  # another message, being handled
+    window.add_bytes(100)  # the gzipped one, as fetched
+    reserving = asyncio.create_task(window.reserve(100, 800))
+    await asyncio.sleep(0.01)
+    assert not reserving.done() and window.bytes == 700
+
+    window.give_back(1, 600)  # the other message ends
+    await asyncio.wait_for(reserving, 1)
+
+    assert window.bytes == 900
+
+
+async def test_gzipped_messages_bigger_than_the_budget_go_one_at_a_time() -> None:
+    # Two 100-byte inputs that each declare 5,000 bytes, over a 1,000 byte budget: the
+    # first goes alone; the second waits until the first ends, never both at once.
+    window = Window(8, max_bytes=1000)
+    window.add_bytes(100)
+    window.add_bytes(100)
+    first = asyncio.create_task(window.reserve(100, 4900))
+    second = asyncio.create_task(window.reserve(100, 4900))
+    await asyncio.wait_for(first, 1)
+    await asyncio.sleep(0.01)
+    assert not second.done() and window.bytes == 5100
+
+    window.give_back(1, 5000)  # the first one ends
+    await asyncio.wait_for(second, 1)
+
+    assert window.bytes == 5000
+
+
+async def test_a_cancelled_reservation_leaves_nothing_behind() -> None:
+    window = Window(8, max_bytes=1000)
+    window.add_bytes(900)
+    window.add_bytes(100)
+    first = asyncio.create_task(window.reserve(100, 500))
+    second = asyncio.create_task(window.reserve(100, 500))
+    await asyncio.sleep(0.01)
+
+    second.cancel()
+    first.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+
+    assert window.bytes == 1000 and window._queued == 0

@@ -289,11 +289,26 @@ def test_uncompressed_input_over_the_limit_is_refused() -> None:
         envelope.decode_input(request().SerializeToString(), 10)
 
 
-def test_concatenated_gzip_members_are_read() -> None:
+def test_an_input_is_held_to_the_size_its_gzip_trailer_declares() -> None:
+    # The window is charged that size before decompressing: more is refused. So are
+    # concatenated gzip members (KRE's runners write one), whose last trailer declares
+    # only the last member.
     data = request().SerializeToString()
+    assert envelope.declared_size(gzip.compress(data)) == len(data)
+    assert envelope.declared_size(data) is None
+    lying = gzip.compress(data)[:-4] + (10).to_bytes(4, "little")
+    with pytest.raises(BadInputError, match="inflates past the 10 bytes its trailer declares"):
+        envelope.decode_input(lying, MIB)
     half = len(data) // 2
     two_members = gzip.compress(data[:half]) + gzip.compress(data[half:])
-    assert envelope.decode_input(two_members, MIB) == request()
+    with pytest.raises(BadInputError, match="its trailer declares"):
+        envelope.decode_input(two_members, MIB)
+
+
+def test_a_gzip_declaring_more_than_the_limit_is_refused_before_decompressing() -> None:
+    bomb = gzip.compress(b"\0" * (64 * MIB))  # about 64 KB that declare 64 MiB
+    with pytest.raises(BadInputError, match=f"over the {MIB} byte limit .*declares {64 * MIB}"):
+        envelope.decode_input(bomb, MIB)
 
 
 def _field(number: int, wire_type: int) -> bytes:

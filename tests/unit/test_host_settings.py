@@ -224,3 +224,45 @@ def test_mask_uri_hides_passwords_with_url_delimiters(uri: str, masked: str) -> 
     from handler_host.settings import mask_uri
 
     assert mask_uri(uri) == masked
+
+
+@pytest.mark.parametrize(
+    ("raw", "accepted"),
+    [
+        ("0", True),
+        ("0.5", True),
+        ("86400", True),
+        ("86401", False),
+        ("inf", False),
+        ("Infinity", False),
+        ("nan", False),
+        ("-1", False),
+        ("1e9", False),
+        ("soon", False),
+    ],
+)
+def test_handler_timeout_is_one_rule_in_both_processes(raw: str, accepted: bool) -> None:
+    # Both containers read KRT_HANDLER_TIMEOUT from one ConfigMap: a value that one takes
+    # and the other refuses would start half a node.
+    from sidecar.errors import SettingsError as SidecarSettingsError
+    from sidecar.settings import SidecarSettings
+
+    sidecar_env = {
+        "KRT_NODE_NAME": "n",
+        "KRT_NATS_SERVER": "nats://127.0.0.1:4222",
+        "KRT_NATS_INPUT": "s.in",
+        "KRT_NATS_OUTPUT": "s.out",
+        "KRT_NATS_STREAM": "s",
+    }
+    refusals = []
+    try:
+        HostSettings.from_env({**REQUIRED, "KRT_HANDLER_TIMEOUT": raw})
+    except SettingsError as exc:
+        refusals.append(str(exc))
+    try:
+        SidecarSettings.from_env({**sidecar_env, "KRT_HANDLER_TIMEOUT": raw})
+    except SidecarSettingsError as exc:
+        refusals.append(str(exc))
+    assert len(refusals) == (0 if accepted else 2), refusals
+    for text in refusals:
+        assert "KRT_HANDLER_TIMEOUT" in text and "0 (no limit) or seconds up to 86400" in text

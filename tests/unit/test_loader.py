@@ -354,3 +354,27 @@ def test_another_type_error_is_a_plain_import_error(tmp_path: Path) -> None:
 
     assert type(caught.value) is HandlerImportError
     assert "Traceback" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raised", "name"),
+    [
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+        ("import sys; sys.exit(3)", "SystemExit"),
+        ("class Stop(BaseException): pass\nraise Stop('weights missing')", "Stop"),
+    ],
+)
+def test_any_base_exception_on_import_is_an_import_error(
+    tmp_path: Path, raised: str, name: str
+) -> None:
+    write(tmp_path, "handler.py", f"{raised}\ndef handler(ctx, data):\n    return None\n")
+    before = set(sys.modules)
+
+    with pytest.raises(HandlerImportError) as caught:
+        load_user_code(str(tmp_path), "handler.py")
+
+    assert type(caught.value.cause).__name__ == name
+    assert str(caught.value).startswith(
+        f"the handler module {str(tmp_path / 'handler.py')!r} raised {name} while being imported"
+    )
+    assert not {n for n in set(sys.modules) - before if n.startswith("kre_user")}

@@ -11,8 +11,9 @@ from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 
 from protos import runner_pb2
-from sidecar.message import _from_result, position
+from sidecar.message import _from_result
 from sidecar.outcome import Raised, Returned
+from sidecar.pull import position
 
 V1 = "$JS.ACK.wf.node-a.3.1042.77.1700000000123456789.5"
 V2 = "$JS.ACK.hub.ACCHASH.wf.node-a.3.1042.77.1700000000123456789.5.rnd"

@@ -84,6 +84,8 @@ class FakeJetStream:
 class Channel:
     """A handler host whose handler answers every delivery with `result`."""
 
+    ready = True
+
     def __init__(self, result: runner_pb2.Result | None = None) -> None:
         self.result = result or runner_pb2.Result()
         self.sent: list[runner_pb2.Delivery] = []
@@ -116,6 +118,7 @@ def returning(text: str) -> runner_pb2.Result:
 
 async def run(processor: MessageProcessor, msg: RecordingMsg) -> InFlight:
     record = InFlight(msg, size=len(msg.data))
+    processor.prepare(record)
     await processor.process(record, await processor.decode(record))
     return record
 
@@ -238,6 +241,7 @@ async def test_a_gzipped_input_decodes_to_its_gunzipped_bytes_and_reaches_the_ho
     processor = make(channel=channel)
     record = InFlight(RecordingMsg(gzip.compress(plain)))
 
+    assert processor.prepare(record) == len(plain)  # charged before decompressing
     decoded = await processor.decode(record)
     await processor.process(record, decoded)
 
@@ -280,3 +284,20 @@ async def test_an_early_reply_without_an_entrypoint_subject_fails_the_message() 
 
     assert not replies.sent
     assert replies.failure is not None and "KRT_NATS_ENTRYPOINT_SUBJECT" in str(replies.failure)
+
+
+async def test_an_input_delivered_too_often_is_not_decompressed_again(monkeypatch) -> None:
+    def refuse(*args: object) -> bytes:
+        raise AssertionError("decompressed a message that was given up on")
+
+    monkeypatch.setattr(envelope, "gunzip", refuse)
+    js = FakeJetStream()
+    processor = make(js)
+    msg = RecordingMsg(gzip.compress(request()), attempt=4)  # KRT_MAX_DELIVER is 3
+    record = InFlight(msg, size=len(msg.data))
+
+    assert processor.prepare(record) == len(msg.data)  # nothing more to charge
+    await processor.process(record, await processor.decode(record))
+
+    assert [ending for ending, _ in msg.endings] == ["term"]
+    assert js.subjects() == ["wf.node-a.out.dlq", "wf.entry"]

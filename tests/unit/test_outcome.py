@@ -27,6 +27,7 @@ from sidecar.outcome import (
     Unavailable,
     UpstreamError,
     decide,
+    exhausted,
 )
 from sidecar.settings import SidecarSettings
 
@@ -353,3 +354,41 @@ def test_the_last_node_does_not_forward_an_error_for_a_replied_message() -> None
     upstream = KreNatsMessage(tracking_id="t-1", error="error in 'node-a': boom", replied=True)
     action = decide(UpstreamError(), Facts(upstream, 1), LAST)
     assert isinstance(action, Ack) and action.outcome == "skipped_replied"
+
+
+# A host failure: only the message that was alone in the host is charged.
+
+
+def test_a_host_failure_beside_other_messages_is_not_counted_and_isolates() -> None:
+    action = decide(Unavailable("socket closed", in_host=True), facts(attempt=5), POLICY)
+    assert isinstance(action, Nak)
+    assert (action.counted, action.alone_next, action.outcome) == (False, True, "suspect")
+    assert action.delay == POLICY.nak_delay
+    assert "not counted, tried again alone" in action.reason
+
+
+def test_a_host_failure_while_alone_counts_and_the_last_one_dead_letters() -> None:
+    alone = Facts(request(), attempt=2, excused=1, alone=True)
+    action = decide(Unavailable("socket closed", in_host=True), alone, POLICY)
+    assert isinstance(action, Nak) and action.counted and action.alone_next
+    assert action.outcome == "culprit_retried"
+    assert action.delay == POLICY.backoff(1)
+    last = Facts(request(), attempt=6, excused=1, alone=True)
+    letter = decide(Unavailable("socket closed", in_host=True), last, POLICY)
+    assert isinstance(letter, DeadLetterAndTerm)
+    assert "crashed or blocked the handler host while alone" in letter.reason
+    assert "gave up after 5 attempts (KRT_MAX_DELIVER=5)" in letter.reason
+    assert letter.envelope is not None and "crashed or blocked" in letter.envelope.error
+
+
+def test_excused_deliveries_do_not_count_toward_max_deliver() -> None:
+    excused = Facts(request(), attempt=5, excused=1)
+    action = decide(Raised("busy", retryable=True), excused, POLICY)
+    assert isinstance(action, Nak) and action.delay == POLICY.backoff(4)
+    assert not exhausted(Facts(request(), attempt=6, excused=1), POLICY)
+    assert exhausted(Facts(request(), attempt=6), POLICY)
+
+
+def test_an_unreachable_host_still_counts_as_before() -> None:
+    action = decide(Unavailable("down"), facts(attempt=2), POLICY)
+    assert isinstance(action, Nak) and action.counted and not action.alone_next

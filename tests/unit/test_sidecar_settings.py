@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from sidecar.errors import SettingsError
@@ -40,7 +44,7 @@ def test_defaults() -> None:
     assert s.max_in_flight_bytes == 8 * 1024 * 1024
     assert (s.http_host, s.http_port) == ("0.0.0.0", 8080)
     assert s.max_payload_bytes == 1024 * 1024
-    assert s.max_message_bytes == 64 * 1024 * 1024
+    assert s.max_message_bytes == 32 * 1024 * 1024  # bounds the sidecar's memory: README, "Memory"
     assert s.grpc_max_message_bytes == 64 * 1024 * 1024
     assert (s.ack_wait, s.max_deliver, s.nak_delay, s.shutdown_grace) == (30.0, 5, 1.0, 20.0)
     assert s.log_level == "INFO"
@@ -309,3 +313,169 @@ def test_jetstream_domain_or_api_prefix() -> None:
     problems = raised.value.problems
     assert any("not both" in p for p in problems)
     assert any("KRT_NATS_JS_DOMAIN must be one subject token" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("KRT_ACK_WAIT", "0.001", "a number of seconds from 1 to 3600"),
+        ("KRT_ACK_WAIT", "3601", "a number of seconds from 1 to 3600"),
+        ("KRT_ACK_WAIT", "nan", "a number of seconds from 1 to 3600"),
+        ("KRT_NAK_DELAY", "1e6", "a number of seconds from 0 to 3600"),
+        ("KRT_SHUTDOWN_GRACE", "86400", "a number of seconds from 0 to 3600"),
+        ("KRT_HANDLER_TIMEOUT", "inf", "0 (no limit) or seconds up to 86400"),
+        ("KRT_HANDLER_TIMEOUT", "-0.5", "0 (no limit) or seconds up to 86400"),
+    ],
+)
+def test_every_duration_has_bounds(name: str, raw: str, expected: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(**{name: raw})
+    assert info.value.problems == (f"{name} must be {expected}, got {raw!r}",)
+
+
+def test_durations_at_their_bounds_are_taken() -> None:
+    s = settings(KRT_ACK_WAIT="1", KRT_NAK_DELAY="0", KRT_SHUTDOWN_GRACE="3600")
+    assert (s.ack_wait, s.nak_delay, s.shutdown_grace) == (1.0, 0.0, 3600.0)
+    assert settings(KRT_HANDLER_TIMEOUT="86400").handler_timeout == 86400.0
+
+
+@pytest.mark.parametrize("durable", ["a.b", "a b", "a*", "a>", "a/b", "a\\b", "a\tb", "x" * 256])
+def test_a_durable_name_jetstream_refuses_stops_the_start(durable: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(KRT_NATS_DURABLE=durable)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"KRT_NATS_DURABLE={durable!r} ")
+    assert problem.endswith("JetStream refuses it as a consumer name")
+
+
+def test_kre_style_durable_names_are_taken() -> None:
+    assert settings(KRT_NATS_DURABLE="v1-node_a").durable == "v1-node_a"
+
+
+def test_bad_settings_exit_with_one_line_and_no_traceback() -> None:
+    env = {
+        **BASE,
+        "KRT_NATS_SERVER": "nats://kre:s3cret-pass@:4222",
+        "KRT_NATS_DURABLE": "a.b",
+        "KRT_ACK_WAIT": "0.001",
+        "PATH": os.environ.get("PATH", ""),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    for part in ("KRT_NATS_SERVER", "has no host", "KRT_NATS_DURABLE='a.b'", "KRT_ACK_WAIT"):
+        assert part in lines[0]
+    assert "s3cret" not in lines[0] and "Traceback" not in lines[0]
+
+
+# --- NATS URLs, TLS and credentials (tests/integration/test_nats_auth.py connects) ----
+
+
+def test_credentials_in_the_url_are_taken_out_and_decoded() -> None:
+    s = settings(KRT_NATS_SERVER="nats://kre:p%40ss%2Cw%25rd@a:4222, tls://kre:p%40ss%2Cw%25rd@b")
+    assert s.nats_servers == ("nats://a:4222", "tls://b")
+    security = s.nats_security
+    assert (security.user, security.password) == ("kre", "p@ss,w%rd")
+    assert security.tls_required  # a tls:// URL
+    assert "p@ss" not in repr(s) and "p@ss" not in s.summary()
+    assert "auth=user/password tls=system-ca" in s.summary()
+
+
+def test_a_raw_at_or_slash_in_the_url_password_still_parses() -> None:
+    # The userinfo ends at the last '@': only ',' and '%' need encoding.
+    security = settings(KRT_NATS_SERVER="nats://kre:a@b/c#d?e@host:4222").nats_security
+    assert security.password == "a@b/c#d?e"
+
+
+def test_a_lone_user_in_the_url_is_a_token_as_in_nats_py() -> None:
+    s = settings(KRT_NATS_SERVER="nats://s3cr%2Ft@host:4222")
+    assert s.nats_servers == ("nats://host:4222",)
+    assert s.nats_security.token == "s3cr/t"
+    assert s.nats_security.connect_options() == {"token": "s3cr/t"}
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        ("nats://kre:s3cret@:4222", "URL 1 of 1 has no host"),
+        ("nats://kre:s3cret@", "URL 1 of 1 has no host"),
+        ("http://kre:s3cret@host:80", "URL 1 of 1 has the scheme 'http'"),
+        ("nats://kre:s3cret@host:99999", "URL 1 of 1 has an invalid port"),
+        ("nats://kre:s3cret@a:1,nats://b:2", "give every URL the same credentials"),
+        # A raw ',' splits the password across two "URLs": neither half is shown.
+        ("nats://kre:s3,cret@a:1", "URL 1 of 2 has an invalid port (not shown"),
+        ("nats://:4222", "'nats://:4222' has no host"),
+    ],
+)
+def test_a_malformed_server_url_is_named_without_its_password(server: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(KRT_NATS_SERVER=server)
+    assert problem in str(info.value)
+    for secret in ("s3cret", "s3", "cret"):
+        assert secret not in str(info.value)
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    made = {}
+    for name in ("ca.crt", "tls.crt", "tls.key", "user.creds", "user.nk"):
+        (tmp_path / name).write_text("not what it should be\n")
+        made[name] = str(tmp_path / name)
+    return made
+
+
+def test_one_way_to_authenticate(files: dict[str, str]) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(
+            KRT_NATS_SERVER="nats://kre:pw@host",
+            KRT_NATS_TOKEN="t",
+            KRT_NATS_CREDS_FILE=files["user.creds"],
+        )
+    (problem,) = info.value.problems
+    assert problem == (
+        "set one way to authenticate to NATS, not KRT_NATS_CREDS_FILE and KRT_NATS_TOKEN "
+        "and credentials in KRT_NATS_SERVER"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"KRT_NATS_USER": "kre"}, "KRT_NATS_USER is set without KRT_NATS_PASSWORD"),
+        ({"KRT_NATS_PASSWORD": "pw"}, "KRT_NATS_PASSWORD is set without KRT_NATS_USER"),
+        ({"KRT_NATS_TLS_CERT_FILE": "tls.crt"}, "go together (mutual TLS)"),
+        ({"KRT_NATS_TLS_CA_FILE": "/nonexistent/ca.crt"}, "is not a readable file"),
+        ({"KRT_NATS_TLS_CA_FILE": "ca.crt"}, "the KRT_NATS_TLS_* files cannot be loaded"),
+        ({"KRT_NATS_CREDS_FILE": "user.creds"}, "is not a .creds file"),
+        ({"KRT_NATS_NKEY_SEED_FILE": "user.nk"}, "does not hold an NKEY seed"),
+    ],
+)
+def test_tls_and_credential_problems(
+    files: dict[str, str], env: dict[str, str], problem: str
+) -> None:
+    env = {name: files.get(value, value) for name, value in env.items()}
+    with pytest.raises(SettingsError) as info:
+        settings(**env)
+    assert problem in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_tls_files_make_tls_required_and_a_ws_url_is_refused_then(files: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="use wss:// instead of ws://"):
+        settings(KRT_NATS_SERVER="ws://host:80", KRT_NATS_TLS_CA_FILE="/nonexistent")
+    plain = settings().nats_security
+    assert not plain.tls_required and plain.ssl_context() is None
+    assert plain.connect_options() == {}
+    assert type(plain.client()).__name__ == "Client"
+
+
+def test_secrets_stay_out_of_repr_and_summary() -> None:
+    s = settings(KRT_NATS_USER="kre", KRT_NATS_PASSWORD="hunter2-pw")
+    assert "hunter2" not in repr(s) and "hunter2" not in s.summary()
+    assert repr(s.nats_security) == "NatsSecurity(auth=user/password tls=off)"
+    assert s.nats_security.connect_options() == {"user": "kre", "password": "hunter2-pw"}
+    token = settings(KRT_NATS_TOKEN="tok-secret")
+    assert "tok-secret" not in repr(token) and "auth=token" in token.summary()
