@@ -1,13 +1,12 @@
 """The handler host's ``/metrics`` endpoint: an HTTP server whose cost is bounded.
 
 prometheus_client's own server gives every connection a thread of its own, with no
-timeout: idle connections held open (300 of them held 309 threads) pile up threads for
-as long as the peer likes. Here one daemon thread runs an event loop of its own: an
-open connection costs a socket and a coroutine, at most ``max_connections`` of them
-(past that, the one idle the longest is closed for the newcomer), and one that has not
-sent its request within ``read_timeout`` seconds is closed. Its
-own loop, not the host's: a handler that blocks the host's event loop (or a long sync
-``init``) must not stop Prometheus from seeing the process.
+timeout: idle connections held open pile up threads for as long as the peer likes. Here
+one daemon thread runs an event loop of its own: an open connection costs a socket and a
+coroutine, at most ``max_connections`` of them (past that, the one idle the longest is
+closed for the newcomer), and one that has not sent its request within ``read_timeout``
+seconds is closed. Its own loop, not the host's: a handler that blocks the host's event
+loop (or a long sync ``init``) must not stop Prometheus from seeing the process.
 
 One GET route, one response per connection (``Connection: close``), as the sidecar's
 ``sidecar/http.py``.

@@ -23,6 +23,7 @@ _SECRET_QUERY_KEYS = ("password", "token", "secret")
 # KRT_HANDLER_TIMEOUT's range, the same in the sidecar (sidecar/settings.py): 0 is
 # "no limit", so an infinite timeout is refused by both processes.
 MAX_HANDLER_TIMEOUT = 24 * 3600.0
+MAX_SHUTDOWN_GRACE = 3600.0
 _T = TypeVar("_T")
 
 
@@ -86,7 +87,10 @@ class HostSettings:
                 "a number of bytes, an integer >= 1",
             ),
             shutdown_grace=reader.parse(
-                "KRT_SHUTDOWN_GRACE", 20.0, _non_negative_float, "seconds, a number >= 0"
+                "KRT_SHUTDOWN_GRACE",
+                20.0,
+                _shutdown_grace,
+                f"seconds from 0 to {MAX_SHUTDOWN_GRACE:g}",
             ),
             handler_timeout=reader.parse(
                 "KRT_HANDLER_TIMEOUT",
@@ -243,9 +247,9 @@ def _positive_int(raw: str) -> int:
     return value
 
 
-def _non_negative_float(raw: str) -> float:
+def _shutdown_grace(raw: str) -> float:
     value = float(raw)
-    if not value >= 0:  # also refuses NaN
+    if not 0 <= value <= MAX_SHUTDOWN_GRACE:  # the sidecar's bound too; refuses NaN, inf
         raise ValueError(raw)
     return value
 

@@ -158,7 +158,7 @@ def read_nats(env: Mapping[str, str]) -> tuple[tuple[str, ...], NatsSecurity, li
     problems += [
         f"{name}={path!r} is not a readable file"
         for name, path in files.items()
-        if path and not os.access(path, os.R_OK)
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK))
     ]
     # The password and the token are used exactly as given, spaces included.
     user = env.get("KRT_NATS_USER", "").strip()

@@ -341,14 +341,22 @@ class Consumer:
 
     async def _handle_alone(self, record: InFlight) -> None:
         """A suspect: run once everything else has left the handler host, nothing beside it."""
-        async with self._solo.alone():
-            record.alone = True
-            log.info(
-                "stream seq %d runs alone in the handler host (%d more suspects waiting)",
-                position(record.msg)[0],
-                self._solo.waiting - 1,
-            )
-            await self._handle(record)
+        held, parked = record.size, True
+        self._window.park(held)  # a reservation must not wait for this one's bytes
+        try:
+            async with self._solo.alone():
+                self._window.unpark(held)
+                parked = False
+                record.alone = True
+                log.info(
+                    "stream seq %d runs alone in the handler host (%d more suspects waiting)",
+                    position(record.msg)[0],
+                    self._solo.waiting - 1,
+                )
+                await self._handle(record)
+        finally:
+            if parked:
+                self._window.unpark(held)
 
     async def _handle(self, record: InFlight) -> None:
         # A gzipped input takes its decompressed size in memory: charged to the window

@@ -50,7 +50,8 @@ def gunzip(data: bytes, max_bytes: int, too_large: str = "") -> bytes:
     """Decompress gzip data, refusing to produce more than max_bytes (`too_large` says why).
 
     Streams through zlib with `max_length`, so a small gzip bomb stops at the cap
-    instead of filling memory. Concatenated gzip members are read one after another.
+    instead of filling memory. Concatenated gzip members are read one after another,
+    within the cap (which `decode` sets to what the last member's trailer declares).
     """
     out = bytearray()
     rest = data

@@ -117,18 +117,28 @@ class SoloGate:
         try:
             async with self._turn:
                 await self._others_done(me)
-                if self._host_idle is not None and not await self._host_idle(self._idle_timeout):
-                    log.warning(
-                        "the handler host still runs messages the sidecar gave up on after "
-                        "%.0fs: trying a suspect anyway",
-                        self._idle_timeout,
-                    )
+                await self._until_host_idle()
                 yield
         finally:
             if me is not None:
                 self._queued.discard(me)
             if not self._queued:
                 self._clear.set()
+
+    async def _until_host_idle(self) -> None:
+        """Wait until the host has finished what the sidecar gave up on.
+
+        A suspect run beside a message still blocking the host would be blamed for it.
+        A host that stays blocked is restarted by its liveness probe, which ends the wait.
+        """
+        waited = 0.0
+        while self._host_idle is not None and not await self._host_idle(self._idle_timeout):
+            waited += self._idle_timeout
+            log.warning(
+                "the handler host still runs messages the sidecar gave up on (%.0fs): a "
+                "suspect waits to run alone",
+                waited,
+            )
 
     async def _others_done(self, me: asyncio.Task[object] | None) -> None:
         while True:

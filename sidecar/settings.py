@@ -45,8 +45,8 @@ DEFAULT_IN_FLIGHT_BYTES = 8 * MIB
 # The largest input once decompressed. The sidecar holds about eleven copies of the
 # biggest message it works on (gunzipped, parsed, framed for the host, its result, the
 # output, gzipped...), and a message over the in-flight budget goes alone: 32 MiB keeps
-# its peak near 410 MiB, under the 512 MiB limit of deploy/kubernetes (README, "Memory";
-# tests/faults/test_memory.py).
+# its peak under the 512 MiB limit of deploy/kubernetes (README, "Memory", which gives
+# the formula; tests/faults/test_memory.py checks it).
 DEFAULT_MAX_INPUT_BYTES = 32 * MIB
 
 

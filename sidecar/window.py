@@ -74,6 +74,15 @@ class Window:
             if queued:  # cancelled while waiting for its turn
                 self._queued -= held
 
+    def park(self, held: int) -> None:
+        """A message that waits for its turn elsewhere (to run alone) holds `held` bytes
+        that nothing can free before its turn: a reservation need not wait for them."""
+        self._queued += held
+        self._changed.set()
+
+    def unpark(self, held: int) -> None:
+        self._queued -= held
+
     def _fits(self, held: int, extra: int) -> bool:
         if self.max_bytes is None or self.bytes + extra <= self.max_bytes:
             return True

@@ -286,6 +286,27 @@ def test_resources_service_account_and_disruption_budget(rendered) -> None:
         assert resource["metadata"]["labels"]["app.kubernetes.io/name"] == "kre-node"
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_only_prometheus_reaches_the_pod_and_only_its_metrics_ports(rendered, target: str) -> None:
+    resources = rendered[target]
+    policy = one(resources, "NetworkPolicy")["spec"]
+    pod = one(resources, "Deployment")["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "prometheus"}
+    ]
+    named = {
+        port["name"]: port["containerPort"]
+        for container in containers(resources).values()
+        for port in container.get("ports", [])
+    }
+    allowed = {named[port["port"]] for port in rule["ports"]}
+    metrics = {int(config(resources)["KRT_HTTP_PORT"]), int(config(resources)["KRT_METRICS_PORT"])}
+    assert allowed == metrics
+
+
 def test_images_are_swapped_by_name(rendered) -> None:
     images = {name: c["image"] for name, c in containers(rendered["base"]).items()}
     assert images["sidecar"].startswith("kre-sidecar:")

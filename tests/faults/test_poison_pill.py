@@ -6,8 +6,8 @@ timeout, or calls sys.exit() / raises KeyboardInterrupt. Each good message must 
 answered exactly once and never dead-lettered. A trigger that takes the host down is
 found by trying the suspects alone (`sidecar.isolation`) and dead-lettered alone; one
 that only raises gets its error envelope and the host lives on. A small KRT_MAX_DELIVER
-and KRT_NAK_DELAY keep it quick without weakening the point: with the old policy the
-good neighbours, nak'ed beside the trigger, were dead-lettered after two rounds too.
+and KRT_NAK_DELAY keep it quick without weakening the point: good neighbours charged
+for the trigger's failures would be dead-lettered after two rounds.
 """
 
 from __future__ import annotations

@@ -96,3 +96,6 @@ class FakeJs:
 class ReadyChannel:
     async def wait_ready(self) -> bool:
         return True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        return True  # the host runs nothing the sidecar gave up on

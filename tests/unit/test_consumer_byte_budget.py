@@ -177,3 +177,44 @@ async def test_a_gunzipped_input_is_counted_and_expected_at_its_gunzipped_size()
     assert record.size == 900  # what the window gives back when the message ends
     assert consumer.bytes_in_flight == 900
     assert consumer._size_hint == 900  # the next fetch expects inputs that big
+
+
+async def test_suspects_and_a_gzipped_input_over_the_budget_all_run() -> None:
+    # Two suspects come back together: the first is gzipped and declares more than the
+    # whole budget, so it must run alone; the second waits for its turn at the gate. A
+    # normal gzipped input is waiting for room too. None may wait for another forever.
+    from sidecar.isolation import Suspicion
+
+    consumer = Consumer(
+        replace(SETTINGS, max_in_flight_bytes=1000),
+        FakeJs(ServingSub([])),  # type: ignore[arg-type]
+        ReadyChannel(),  # type: ignore[arg-type]
+        max_payload=300,
+    )
+    declared = {"big-suspect": 5000, "small-suspect": 100, "gzipped": 900}
+    ran: list[str] = []
+
+    def prepare(record: InFlight) -> int:
+        return declared[record.msg.name]  # type: ignore[attr-defined]
+
+    async def decode(record: InFlight) -> Decoded:
+        return Decoded(None)
+
+    async def process(record: InFlight, decoded: Decoded) -> None:
+        ran.append(record.msg.name)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+
+    consumer._processor.prepare = prepare  # type: ignore[method-assign]
+    consumer._processor.decode = decode  # type: ignore[method-assign]
+    consumer._processor.process = process  # type: ignore[method-assign]
+    for seq, name in enumerate(["gzipped", "big-suspect", "small-suspect"], start=1):
+        msg = FakeMsg(100, name)
+        msg.reply = f"$JS.ACK.S.n.2.{seq}.{seq}.1700000000000000000.0"  # type: ignore[attr-defined]
+        if name.endswith("suspect"):
+            consumer._suspects._known[seq] = Suspicion(excused=1, alone=True)
+        consumer._start(msg)  # type: ignore[arg-type]
+
+    await eventually(lambda: len(ran) == 3, timeout=5, what="every message ran")
+
+    assert ran[0] == "gzipped"  # suspects wait until everything else has left the host
+    await eventually(lambda: consumer.bytes_in_flight == 0, timeout=5)

@@ -266,3 +266,24 @@ def test_handler_timeout_is_one_rule_in_both_processes(raw: str, accepted: bool)
     assert len(refusals) == (0 if accepted else 2), refusals
     for text in refusals:
         assert "KRT_HANDLER_TIMEOUT" in text and "0 (no limit) or seconds up to 86400" in text
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "-1", "3601"])
+def test_shutdown_grace_follows_the_sidecars_rule(raw: str) -> None:
+    from sidecar.errors import SettingsError as SidecarSettingsError
+    from sidecar.settings import SidecarSettings
+
+    env = {
+        "KRT_SHUTDOWN_GRACE": raw,
+        "KRT_BASE_PATH": "/tmp",
+        "KRT_HANDLER_PATH": "h.py",
+        "KRT_NODE_NAME": "n",
+        "KRT_NATS_SERVER": "nats://127.0.0.1:4222",
+        "KRT_NATS_INPUT": "s.in",
+        "KRT_NATS_OUTPUT": "s.out",
+        "KRT_NATS_STREAM": "s",
+    }
+    with pytest.raises(SettingsError, match="KRT_SHUTDOWN_GRACE"):
+        HostSettings.from_env(env)
+    with pytest.raises(SidecarSettingsError, match="KRT_SHUTDOWN_GRACE"):
+        SidecarSettings.from_env(env)

@@ -448,6 +448,8 @@ def test_one_way_to_authenticate(files: dict[str, str]) -> None:
         ({"KRT_NATS_PASSWORD": "pw"}, "KRT_NATS_PASSWORD is set without KRT_NATS_USER"),
         ({"KRT_NATS_TLS_CERT_FILE": "tls.crt"}, "go together (mutual TLS)"),
         ({"KRT_NATS_TLS_CA_FILE": "/nonexistent/ca.crt"}, "is not a readable file"),
+        ({"KRT_NATS_CREDS_FILE": "/tmp"}, "KRT_NATS_CREDS_FILE='/tmp' is not a readable file"),
+        ({"KRT_NATS_NKEY_SEED_FILE": "/tmp"}, "is not a readable file"),
         ({"KRT_NATS_TLS_CA_FILE": "ca.crt"}, "the KRT_NATS_TLS_* files cannot be loaded"),
         ({"KRT_NATS_CREDS_FILE": "user.creds"}, "is not a .creds file"),
         ({"KRT_NATS_NKEY_SEED_FILE": "user.nk"}, "does not hold an NKEY seed"),
