@@ -22,8 +22,7 @@ from urllib.parse import unquote
 import nats.errors
 from nats.aio.client import Client
 
-# Credentials: given only to the sidecar, from a Secret (see docs/deploy.md).
-SECRET_VARIABLES = ("KRT_NATS_USER", "KRT_NATS_PASSWORD", "KRT_NATS_TOKEN")
+# The TLS and credential files: mounted into the sidecar only, from Secrets (docs/deploy.md).
 FILE_VARIABLES = (
     "KRT_NATS_TLS_CA_FILE",
     "KRT_NATS_TLS_CERT_FILE",

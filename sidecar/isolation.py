@@ -57,10 +57,6 @@ class Suspects:
         """What is known of `seq` (a blank Suspicion when nothing is)."""
         return self._known.get(seq) or Suspicion()
 
-    def must_run_alone(self, seq: int) -> bool:
-        known = self._known.get(seq)
-        return known is not None and known.alone
-
     def settled(self, seq: int, action: Action) -> None:
         """Carry out what the message's action says about it: remember, or forget it."""
         if not isinstance(action, Nak):  # it has ended: nothing to remember

@@ -20,11 +20,11 @@ def test_a_suspect_is_remembered_until_it_ends() -> None:
     suspects.settled(7, Nak(1.0, "retryable"))  # the common retry: nothing kept
     assert len(suspects) == 0
     suspects.settled(7, SUSPECT)
-    assert (suspects.of(7).excused, suspects.must_run_alone(7)) == (1, True)
+    assert (suspects.of(7).excused, suspects.of(7).alone) == (1, True)
     suspects.settled(7, CULPRIT)
-    assert (suspects.of(7).excused, suspects.must_run_alone(7)) == (1, True)
+    assert (suspects.of(7).excused, suspects.of(7).alone) == (1, True)
     suspects.settled(7, Ack("done"))
-    assert len(suspects) == 0 and not suspects.must_run_alone(7)
+    assert len(suspects) == 0 and not suspects.of(7).alone
     suspects.settled(8, SUSPECT)
     suspects.settled(8, DeadLetterAndTerm("culprit"))
     assert len(suspects) == 0
@@ -35,7 +35,7 @@ def test_the_record_is_bounded_oldest_first() -> None:
     for seq in range(5):
         suspects.settled(seq, SUSPECT)
     assert len(suspects) == 3
-    assert not suspects.must_run_alone(0) and suspects.must_run_alone(4)
+    assert not suspects.of(0).alone and suspects.of(4).alone
 
 
 async def test_a_suspect_waits_for_the_others_and_stops_fetching() -> None:
