@@ -242,10 +242,15 @@ class MessageProcessor:
         return _facts(record, request, early_replied=replies.sent), happened
 
     def _early_replies(self, seq: int, request: KreNatsMessage) -> EarlyReplies:
-        subject = self.settings.entrypoint_subject
-        msg_id = self._publisher.msg_id(seq) + ":early"
-        publish = functools.partial(self._publisher.publish, "early_reply", subject, msg_id=msg_id)
-        return EarlyReplies(request, publish if subject else None, self._encode)
+        subject, publisher = self.settings.entrypoint_subject, self._publisher
+        if not subject:
+            return EarlyReplies(request, None, self._encode)
+
+        async def publish(data: bytes) -> None:
+            # Its Nats-Msg-Id is built only when a reply is sent: most messages send none.
+            await publisher.publish("early_reply", subject, data, publisher.msg_id(seq) + ":early")
+
+        return EarlyReplies(request, publish, self._encode)
 
     async def _settle(self, record: InFlight, happened: Happened, facts: Facts) -> None:
         """Decide, carry the action out; when that fails, decide again, and carry that out.

@@ -28,7 +28,6 @@ class NatsServer:
         self,
         store_dir: Path | None = None,
         log_path: Path | None = None,
-        js_domain: str = "",
         config: str = "",
         jetstream: bool = True,
     ) -> None:
@@ -41,12 +40,9 @@ class NatsServer:
         self.port = -1  # nats-server picks a free one on first start
         self.jetstream = jetstream
         self._config: Path | None = None
-        text = config
-        if js_domain:  # only a config file can name a JetStream domain
-            text += f"\njetstream {{ domain: {json.dumps(js_domain)} }}\n"
-        if text:
+        if config:  # TLS, authorization, a JetStream domain: what only a file can say
             self._config = base / "nats-server.conf"
-            self._config.write_text(text)
+            self._config.write_text(config)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

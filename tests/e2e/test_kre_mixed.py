@@ -10,7 +10,6 @@ retention, so every consumer that reads from it is created before anything is pu
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import os
@@ -34,6 +33,7 @@ from deploy.local.nats import NatsServer
 from deploy.local.node import LocalNode, NodeConfig
 from deploy.local.procs import stop_process
 from protos.kre_nats_msg_pb2 import KreNatsMessage
+from tests.waiting import eventually
 
 sys.path.append(str(Path(__file__).parent / "kre_mixed"))
 from greeter_messages import Request, Response
@@ -219,19 +219,6 @@ class Observer(Reader):
         await self.js.delete_consumer(self.stream, self.durable)
 
 
-async def wait_for(check: Callable[[], Any], timeout: float, what: str) -> None:
-    """Poll an async or sync check until it is true; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = check()
-        if asyncio.iscoroutine(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        assert time.monotonic() < deadline, f"{what}: not true after {timeout:.0f}s"
-        await asyncio.sleep(0.05)
-
-
 async def wait_kre_py_ready(js: JetStreamContext, stream: str, node: KrePyNode) -> None:
     """Until the node's push consumer is bound and its handler context exists.
 
@@ -246,7 +233,7 @@ async def wait_kre_py_ready(js: JetStreamContext, stream: str, node: KrePyNode) 
         info = await js.consumer_info(stream, node.durable)
         return bool(info.push_bound)
 
-    await wait_for(ready, 30, f"kre-py {node.name} ready")
+    await eventually(ready, 30, f"kre-py {node.name} ready")
 
 
 async def wait_settled(js: JetStreamContext, stream: str, durable: str) -> Any:
@@ -257,7 +244,7 @@ async def wait_settled(js: JetStreamContext, stream: str, durable: str) -> Any:
         infos.append(await js.consumer_info(stream, durable))
         return infos[-1].num_pending == 0 and infos[-1].num_ack_pending == 0
 
-    await wait_for(settled, 30, f"consumer {durable} settled")
+    await eventually(settled, 30, f"consumer {durable} settled")
     return infos[-1]
 
 
@@ -441,7 +428,7 @@ async def assert_nothing_left(
         info = await js.stream_info(stream, subjects_filter=">")
         return not set(info.state.subjects or {}) & set(node_subjects)
 
-    await wait_for(node_subjects_empty, 10, "no message left on the node subjects")
+    await eventually(node_subjects_empty, 10, "no message left on the node subjects")
 
 
 async def test_kre_py_stand_in_loses_a_request_whose_tracking_time_has_a_z(
@@ -474,7 +461,7 @@ async def test_kre_py_stand_in_loses_a_request_whose_tracking_time_has_a_z(
     assert greeting(replies[naive.tracking_id]) == "Hello, ZED!"
 
     await send_from_b(datetime.utcnow().isoformat() + "Z")
-    await wait_for(lambda: "MsgAlreadyAckdError" in node_c.log(), 30, "kre-py's second ack")
+    await eventually(lambda: "MsgAlreadyAckdError" in node_c.log(), 30, "kre-py's second ack")
     assert "nats: encountered error" in node_c.log()
     assert "error executing handler" not in node_c.log()
     assert await entrypoint.fetch(timeout=1.0) == []

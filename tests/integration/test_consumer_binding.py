@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
@@ -21,40 +21,14 @@ from deploy.local.nats import NatsServer
 from sidecar import consumer as consumer_module
 from sidecar.main import Sidecar
 from sidecar.settings import SidecarSettings
-from tests.integration.test_sidecar_nats import http_get
-from tests.unit.fake_handler_host import FakeHandlerHost, RunningHost, text_of
+from tests.integration.test_sidecar_nats import NODE, Node, http_get
+from tests.unit.fake_handler_host import text_of
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
-NODE = "node-x"
 OLD_DURABLE = f"v1-{NODE}"  # what kre-py names its consumer: <KRT_VERSION>-<KRT_NODE_NAME>
 KRE_PY_ACK_WAIT = 22 * 3600.0
-
-
-class Subjects:
-    """The subjects of one test's node and the environment of its sidecar."""
-
-    def __init__(self, url: str, stream: str, folder: str) -> None:
-        self.stream = stream
-        self.address = f"unix://{folder}/handler.sock"
-        self.input = f"{stream}.in"
-        self.output = f"{stream}.out"
-        self.entrypoint = f"{stream}.entry"
-        self.dlq = f"{stream}.{NODE}-dlq"
-        self.env = {
-            "KRT_NODE_NAME": NODE,
-            "KRT_NATS_SERVER": url,
-            "KRT_NATS_INPUT": self.input,
-            "KRT_NATS_OUTPUT": self.output,
-            "KRT_NATS_STREAM": stream,
-            "KRT_NATS_ENTRYPOINT_SUBJECT": self.entrypoint,
-            "KRT_NATS_DLQ_SUBJECT": self.dlq,
-            "KRT_HANDLER_ADDRESS": self.address,
-            "KRT_HTTP_HOST": "127.0.0.1",
-            "KRT_HTTP_PORT": "0",
-            "KRT_SHUTDOWN_GRACE": "2",
-        }
 
 
 @pytest.fixture
@@ -67,27 +41,18 @@ def folder() -> Iterator[str]:
 @pytest.fixture
 async def node(
     nats_server: NatsServer, js: JetStreamContext, stream_name: str, folder: str
-) -> AsyncIterator[Subjects]:
-    subjects = Subjects(nats_server.url, stream_name, folder)
-    host = await RunningHost(subjects.address, FakeHandlerHost()).start()
-    yield subjects
-    await host.stop()
+) -> AsyncIterator[Node]:
+    """The node of `test_sidecar_nats`, its host started; each test makes its own stream."""
+    n = Node(nats_server.url, stream_name, folder)
+    await n.host()
+    yield n
+    await n.close()
     await js.delete_stream(stream_name)
 
 
 @pytest.fixture
-async def start_sidecar(node: Subjects) -> AsyncIterator[object]:
-    started: list[Sidecar] = []
-
-    async def start(**env: str) -> Sidecar:
-        sidecar = Sidecar(SidecarSettings.from_env({**node.env, **env}))
-        started.append(sidecar)
-        await sidecar.start()
-        return sidecar
-
-    yield start
-    for sidecar in started:
-        await sidecar.stop()
+def start_sidecar(node: Node) -> Callable[..., Awaitable[Sidecar]]:
+    return node.sidecar
 
 
 @pytest.fixture
@@ -119,7 +84,7 @@ def errors_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 async def test_a_kre_py_push_durable_is_refused_once_then_replaced_without_a_restart(
     js: JetStreamContext,
-    node: Subjects,
+    node: Node,
     start_sidecar,  # type: ignore[no-untyped-def]
     attempts: list[str],
     caplog: pytest.LogCaptureFixture,
@@ -171,7 +136,7 @@ async def test_a_kre_py_push_durable_is_refused_once_then_replaced_without_a_res
 
 async def test_a_dead_letter_subject_no_stream_captures_keeps_the_node_unready_until_added(
     js: JetStreamContext,
-    node: Subjects,
+    node: Node,
     start_sidecar,  # type: ignore[no-untyped-def]
     attempts: list[str],
     caplog: pytest.LogCaptureFixture,
@@ -218,7 +183,7 @@ async def test_a_dead_letter_subject_no_stream_captures_keeps_the_node_unready_u
 
 async def test_a_dead_letter_consumer_on_an_interest_stream_silences_the_warning(
     js: JetStreamContext,
-    node: Subjects,
+    node: Node,
     start_sidecar,  # type: ignore[no-untyped-def]
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -242,7 +207,7 @@ async def test_a_dead_letter_consumer_on_an_interest_stream_silences_the_warning
 
 async def test_migrating_from_kre_py_replays_what_the_old_durable_kept(
     js: JetStreamContext,
-    node: Subjects,
+    node: Node,
     start_sidecar,  # type: ignore[no-untyped-def]
 ) -> None:
     """docs/migration.md: old replicas at 0, the new node started, then the old durable rm'ed."""
@@ -292,7 +257,7 @@ def _status(sidecar: Sidecar) -> str:
 
 async def test_a_second_node_with_the_same_durable_is_refused_and_the_first_keeps_its_input(
     js: JetStreamContext,
-    node: Subjects,
+    node: Node,
     start_sidecar,  # type: ignore[no-untyped-def]
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -335,7 +300,7 @@ async def test_a_second_node_with_the_same_durable_is_refused_and_the_first_keep
 
 async def test_an_input_its_stream_does_not_capture_keeps_the_node_unready_until_added(
     js: JetStreamContext,
-    node: Subjects,
+    node: Node,
     start_sidecar,  # type: ignore[no-untyped-def]
     caplog: pytest.LogCaptureFixture,
 ) -> None:

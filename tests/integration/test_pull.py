@@ -181,7 +181,7 @@ async def test_messages_held_when_unsubscribing_are_handed_back(nc: Client, stre
 
 
 async def test_pull_requests_go_to_the_api_of_a_jetstream_domain() -> None:
-    with NatsServer(js_domain="hub") as server:
+    with NatsServer(config='jetstream { domain: "hub" }\n') as server:
         client = await nats.connect(server.url)
         try:
             js = client.jetstream(domain="hub")

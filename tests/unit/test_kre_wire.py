@@ -79,6 +79,17 @@ NODE_A_TRACKING = _tracking("nodeA", "2022-08-19T10:00:00.000120", "2022-08-19T1
 NODE_B_TRACKING = _tracking("nodeB", "2022-08-19T10:00:00.000250", "2022-08-19T10:00:00.004250")
 
 
+# Node B's output, field by field: tracking_id, the three tracking entries, reply, payload.
+NODE_B_OUTPUT = (
+    _text(1, "7b1c")
+    + ENTRYPOINT_TRACKING
+    + NODE_A_TRACKING
+    + NODE_B_TRACKING
+    + _text(3, "req-42")
+    + GREETING_ANY
+)
+
+
 def kre_py_input(**fields: object) -> KreNatsMessage:
     """What kre-py's node A publishes to node B: its times are `utcnow().isoformat()`,
     with no fraction at all when the microseconds happen to be 0 (the entrypoint's)."""
@@ -106,14 +117,7 @@ def test_output_envelope_bytes_are_kres() -> None:
 
     assert isinstance(action, PublishThenAck)
     assert action.subject == "runtime1-greeter-v1-Greet.nodeC"
-    assert action.envelope.SerializeToString() == (
-        _text(1, "7b1c")
-        + ENTRYPOINT_TRACKING
-        + NODE_A_TRACKING
-        + NODE_B_TRACKING
-        + _text(3, "req-42")
-        + GREETING_ANY
-    )
+    assert action.envelope.SerializeToString() == NODE_B_OUTPUT
 
 
 def test_early_exit_envelope_bytes_are_a_plain_output_sent_to_the_entrypoint() -> None:
@@ -123,14 +127,7 @@ def test_early_exit_envelope_bytes_are_a_plain_output_sent_to_the_entrypoint() -
     assert isinstance(action, PublishThenAck)
     assert action.subject == "runtime1-greeter-v1-Greet.entrypoint"
     # kre-py builds the output afresh, so field 7 is not on the wire.
-    assert action.envelope.SerializeToString() == (
-        _text(1, "7b1c")
-        + ENTRYPOINT_TRACKING
-        + NODE_A_TRACKING
-        + NODE_B_TRACKING
-        + _text(3, "req-42")
-        + GREETING_ANY
-    )
+    assert action.envelope.SerializeToString() == NODE_B_OUTPUT
 
 
 def test_early_exit_flag_has_kres_field_number() -> None:
